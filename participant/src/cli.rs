@@ -1,0 +1,579 @@
+//! Command-line interface of `dssgd-participant`.
+//!
+//! Every option can also be set through the environment variable named in
+//! its help, so container and compose files configure participants without
+//! flags.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use dssgd_common::config::{
+    Ordering, check_non_negative, check_participant_id, check_positive, check_unit_closed,
+    check_unit_open_closed,
+};
+use dssgd_common::shard::ShardPlan;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tracing::info;
+
+use crate::client::{Client, RetryPolicy};
+use crate::data::{Dataset, Mnist, ensure_mnist, load_mnist};
+use crate::device::{DeviceChoice, resolve_device};
+use crate::dssgd::{CollaborativeConfig, Participant, Selection, run_collaborative, train_alone};
+use crate::metrics::{RunMetrics, write_json};
+use crate::model::{Model, ModelKind};
+use crate::train::{LocalTrainer, SgdConfig};
+
+/// DSSGD participant: trains on a private shard of MNIST with libtorch and
+/// shares selected, bounded parameter changes with a parameter server.
+#[derive(Debug, Parser)]
+#[command(version)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Write logs as JSON lines.
+    #[arg(long, global = true, env = "DSSGD_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train as one participant of a federation against a running server.
+    Collaborate(CollaborateArgs),
+    /// Baseline: train each participant's shard alone, with no sharing.
+    Standalone(BaselineArgs),
+    /// Baseline: train one model on the union of all participants' shards.
+    Centralized(BaselineArgs),
+    /// Download the global parameters from a server and report their test
+    /// accuracy.
+    Evaluate(EvaluateArgs),
+    /// Run a whole federation on this machine: a server and N participant
+    /// processes on loopback, plus both baselines, then print a comparison.
+    Simulate(crate::simulate::SimulateArgs),
+}
+
+/// Data, model and local training settings shared by every subcommand.
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct TrainingArgs {
+    /// Network to train.
+    #[arg(long, env = "DSSGD_MODEL", value_enum, default_value = "mlp")]
+    pub model: ModelKind,
+
+    /// Folder with the MNIST IDX files (gzip or raw).
+    #[arg(long, env = "DSSGD_DATA_DIR", default_value = "data/mnist")]
+    pub data_dir: PathBuf,
+
+    /// Download MNIST into --data-dir when files are missing, verifying the
+    /// published SHA-256 of each file.
+    #[arg(long, env = "DSSGD_DOWNLOAD")]
+    pub download: bool,
+
+    /// Number of participants in the federation.
+    #[arg(long, env = "DSSGD_PARTICIPANTS", default_value_t = 30)]
+    pub participants: usize,
+
+    /// Fraction of the training set each participant holds, in (0, 1].
+    #[arg(long, env = "DSSGD_SHARD_FRACTION", default_value_t = 0.01)]
+    pub shard_fraction: f64,
+
+    /// Seed of the split of the training set among participants.
+    #[arg(long, env = "DSSGD_DATA_SEED", default_value_t = 1)]
+    pub data_seed: u64,
+
+    /// Seed of the initial parameters (the same in every process).
+    #[arg(long, env = "DSSGD_INIT_SEED", default_value_t = 42)]
+    pub init_seed: i64,
+
+    /// Number of local epochs.
+    #[arg(long, env = "DSSGD_EPOCHS", default_value_t = 60)]
+    pub epochs: usize,
+
+    /// SGD learning rate at step 0.
+    #[arg(long = "lr", env = "DSSGD_LR", default_value_t = 0.1)]
+    pub learning_rate: f64,
+
+    /// Learning-rate decay per step: step t uses lr / (1 + t * decay).
+    #[arg(long, env = "DSSGD_LR_DECAY", default_value_t = 0.0)]
+    pub lr_decay: f64,
+
+    /// Mini-batch size.
+    #[arg(long, env = "DSSGD_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
+
+    /// SGD momentum in [0, 1).
+    #[arg(long, env = "DSSGD_MOMENTUM", default_value_t = 0.0)]
+    pub momentum: f64,
+
+    /// Evaluate test accuracy every this many epochs (and after the last).
+    #[arg(long, env = "DSSGD_EVAL_EVERY", default_value_t = 10)]
+    pub eval_every: usize,
+
+    /// Device to train on.
+    #[arg(long, env = "DSSGD_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+
+    /// libtorch intra-op threads for this process.
+    #[arg(long, env = "DSSGD_THREADS", default_value_t = 1)]
+    pub threads: usize,
+
+    /// Write the run's metrics as JSON to this file.
+    #[arg(long, env = "DSSGD_METRICS")]
+    pub metrics: Option<PathBuf>,
+}
+
+/// Settings of one collaborating participant.
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct CollaborateArgs {
+    /// Data, model and training settings.
+    #[command(flatten)]
+    pub training: TrainingArgs,
+
+    /// Sharing settings.
+    #[command(flatten)]
+    pub sharing: SharingArgs,
+
+    /// Address of the parameter server.
+    #[arg(long, env = "DSSGD_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+
+    /// This participant's index in 0..participants; selects its shard.
+    #[arg(long, env = "DSSGD_INDEX")]
+    pub index: usize,
+
+    /// Participant identifier (default: p followed by the index, three digits).
+    #[arg(long, env = "DSSGD_PARTICIPANT_ID")]
+    pub participant_id: Option<String>,
+
+    /// Keep retrying an unreachable server for this many seconds per call.
+    #[arg(long, env = "DSSGD_RETRY_SECONDS", default_value_t = 300.0)]
+    pub retry_seconds: f64,
+}
+
+/// What is shared and how.
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct SharingArgs {
+    /// Upload fraction theta_u in (0, 1]: each upload carries at most
+    /// ceil(theta_u * n) parameter changes.
+    #[arg(long, env = "DSSGD_THETA_U", default_value_t = 0.1)]
+    pub theta_u: f64,
+
+    /// Download fraction theta_d in [0, 1]: each epoch starts by downloading
+    /// the ceil(theta_d * n) most-updated global parameters.
+    #[arg(long, env = "DSSGD_THETA_D", default_value_t = 1.0)]
+    pub theta_d: f64,
+
+    /// Bound gamma: uploaded changes are clipped to [-gamma, gamma]. The
+    /// server adds every participant's changes, so the default suits about
+    /// 30 participants; raise it for fewer.
+    #[arg(long, env = "DSSGD_GAMMA", default_value_t = 0.0005)]
+    pub gamma: f64,
+
+    /// Threshold tau of the threshold selection rule.
+    #[arg(long, env = "DSSGD_TAU", default_value_t = 0.0001)]
+    pub tau: f64,
+
+    /// Rule that picks the changes to upload.
+    #[arg(long, env = "DSSGD_SELECTION", value_enum, default_value = "largest")]
+    pub selection: Selection,
+}
+
+/// Settings of an evaluation of the global model.
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct EvaluateArgs {
+    /// Data, model and device settings (the training settings are unused).
+    #[command(flatten)]
+    pub training: TrainingArgs,
+
+    /// Address of the parameter server.
+    #[arg(long, env = "DSSGD_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+}
+
+/// Settings of a baseline run.
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct BaselineArgs {
+    /// Data, model and training settings.
+    #[command(flatten)]
+    pub training: TrainingArgs,
+
+    /// Standalone only: train just this participant's shard (default: all,
+    /// one after the other, reporting the mean).
+    #[arg(long, env = "DSSGD_INDEX")]
+    pub index: Option<usize>,
+}
+
+impl TrainingArgs {
+    /// Checks every setting, returning a one-line error naming the value.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.participants == 0 {
+            bail!("invalid participants 0: expected at least 1");
+        }
+        check_unit_open_closed("shard-fraction", self.shard_fraction)?;
+        if self.epochs == 0 {
+            bail!("invalid epochs 0: expected at least 1");
+        }
+        check_positive("lr", self.learning_rate)?;
+        check_non_negative("lr-decay", self.lr_decay)?;
+        if self.batch_size == 0 {
+            bail!("invalid batch-size 0: expected at least 1");
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            bail!(
+                "invalid momentum {}: expected a number in [0, 1)",
+                self.momentum
+            );
+        }
+        if self.threads == 0 {
+            bail!("invalid threads 0: expected at least 1");
+        }
+        Ok(())
+    }
+
+    /// The SGD settings.
+    pub fn sgd(&self) -> SgdConfig {
+        SgdConfig {
+            learning_rate: self.learning_rate,
+            lr_decay: self.lr_decay,
+            batch_size: self.batch_size,
+            momentum: self.momentum,
+        }
+    }
+
+    /// The split of the training set among participants.
+    pub fn shard_plan(&self, dataset_len: usize) -> ShardPlan {
+        ShardPlan {
+            dataset_len,
+            participants: self.participants,
+            fraction: self.shard_fraction,
+            seed: self.data_seed,
+        }
+    }
+
+    /// Sets libtorch's thread count, finds the device and loads MNIST.
+    fn prepare(&self) -> anyhow::Result<(tch::Device, Mnist)> {
+        self.validate()?;
+        tch::set_num_threads(self.threads as i32);
+        tch::set_num_interop_threads(1);
+        let device = resolve_device(self.device)?;
+        ensure_mnist(&self.data_dir, self.download)?;
+        let mnist = load_mnist(&self.data_dir)?;
+        Ok((device, mnist))
+    }
+
+    /// A fresh model with the shared initial parameters and its optimizer.
+    fn fresh_model(&self, device: tch::Device) -> anyhow::Result<(Model, LocalTrainer)> {
+        let model = Model::new(self.model, device, self.init_seed);
+        let trainer = LocalTrainer::new(&model, self.sgd())?;
+        Ok((model, trainer))
+    }
+}
+
+impl SharingArgs {
+    /// Checks every setting, returning a one-line error naming the value.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_unit_open_closed("theta-u", self.theta_u)?;
+        check_unit_closed("theta-d", self.theta_d)?;
+        check_positive("gamma", self.gamma)?;
+        check_non_negative("tau", self.tau)?;
+        Ok(())
+    }
+}
+
+/// Seed of participant `index`'s shuffles: distinct per participant.
+fn participant_seed(data_seed: u64, index: usize) -> u64 {
+    data_seed
+        .wrapping_mul(1_000_003)
+        .wrapping_add(index as u64 + 1)
+}
+
+/// Runs one collaborating participant.
+pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
+    let training = &args.training;
+    args.sharing.validate()?;
+    training.validate()?;
+    if args.index >= training.participants {
+        bail!(
+            "invalid index {}: expected a number below participants ({})",
+            args.index,
+            training.participants
+        );
+    }
+    check_positive("retry-seconds", args.retry_seconds)?;
+    let participant_id = args
+        .participant_id
+        .clone()
+        .unwrap_or_else(|| format!("p{:03}", args.index));
+    check_participant_id(&participant_id)?;
+
+    let (device, mnist) = training.prepare()?;
+    let shard = training.shard_plan(mnist.train.len()).shard(args.index);
+    let train = mnist.train.subset(&shard).to_device(device);
+    let test = mnist.test.to_device(device);
+    drop(mnist);
+    let (model, trainer) = training.fresh_model(device)?;
+    info!(participant = %participant_id, examples = train.len(), device = ?device, "shard loaded");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let retry = RetryPolicy {
+        give_up_after: std::time::Duration::from_secs_f64(args.retry_seconds),
+        ..RetryPolicy::default()
+    };
+    let mut client = {
+        let _guard = runtime.enter();
+        Client::new(
+            &args.server,
+            &participant_id,
+            dssgd_server_max_message(),
+            retry,
+        )?
+    };
+    let config = CollaborativeConfig {
+        epochs: training.epochs,
+        theta_u: args.sharing.theta_u,
+        theta_d: args.sharing.theta_d,
+        gamma: args.sharing.gamma,
+        tau: args.sharing.tau,
+        selection: args.sharing.selection,
+        eval_every: training.eval_every,
+    };
+    let mut participant = Participant {
+        model,
+        trainer,
+        train: &train,
+        test: &test,
+        rng: ChaCha8Rng::seed_from_u64(participant_seed(training.data_seed, args.index)),
+    };
+    let mut metrics = run_collaborative(&runtime, &mut client, &mut participant, &config, |_| {})?;
+    metrics.config = serde_json::to_value(args)?;
+    if let Some(path) = &training.metrics {
+        metrics
+            .write(path)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    println!(
+        "{participant_id}: final accuracy {:.4}, global model accuracy {:.4}",
+        metrics.final_accuracy,
+        metrics.global_accuracy.unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
+/// The client's message-size limit before it can learn the server's: the
+/// server's default (64 MiB).
+fn dssgd_server_max_message() -> usize {
+    64 * 1024 * 1024
+}
+
+/// Downloads every global parameter from the server at `address` into a
+/// model of `training.model` and returns its test accuracy and the version
+/// it was read at.
+pub fn evaluate_global(training: &TrainingArgs, address: &str) -> anyhow::Result<(f64, u64)> {
+    let (device, mnist) = training.prepare()?;
+    let test = mnist.test.to_device(device);
+    drop(mnist);
+    let mut model = Model::new(training.model, device, training.init_seed);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let retry = RetryPolicy {
+        give_up_after: std::time::Duration::from_secs(30),
+        ..Default::default()
+    };
+    let mut client = {
+        let _guard = runtime.enter();
+        Client::new(address, "evaluator", dssgd_server_max_message(), retry)?
+    };
+    let status = runtime.block_on(client.status())?;
+    let served = status.model.unwrap_or_default();
+    let local = crate::dssgd::model_info(&model);
+    if served != local {
+        bail!(
+            "the server serves {} ({} parameters, layout {}), but --model {} has {} parameters, layout {}",
+            served.name,
+            served.parameter_count,
+            served.layout_hash,
+            local.name,
+            local.parameter_count,
+            local.layout_hash
+        );
+    }
+    // The evaluator joins like a participant that never uploads; the server
+    // already holds parameters, so the initial ones it sends are ignored.
+    runtime.block_on(client.join(local.clone(), &model.flat_parameters()))?;
+    let parameters = runtime.block_on(client.download(1.0, local.parameter_count))?;
+    model.set_flat_parameters(&parameters.values)?;
+    Ok((
+        crate::train::evaluate(&model, &test, 100),
+        parameters.version,
+    ))
+}
+
+/// Runs the evaluate subcommand.
+pub fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
+    let (accuracy, version) = evaluate_global(&args.training, &args.server)?;
+    if let Some(path) = &args.training.metrics {
+        let record = serde_json::json!({ "accuracy": accuracy, "version": version });
+        write_json(path, &record).with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    println!("global model at version {version}: test accuracy {accuracy:.4}");
+    Ok(())
+}
+
+/// Summary of a standalone run over several shards.
+#[derive(Debug, Serialize)]
+struct StandaloneSummary {
+    method: &'static str,
+    model: String,
+    mean_accuracy: f64,
+    min_accuracy: f64,
+    max_accuracy: f64,
+    runs: Vec<RunMetrics>,
+    config: BaselineArgs,
+}
+
+fn train_baseline(
+    training: &TrainingArgs,
+    device: tch::Device,
+    name: String,
+    method: &str,
+    train: &Dataset,
+    test: &Dataset,
+    seed: u64,
+) -> anyhow::Result<RunMetrics> {
+    let started = std::time::Instant::now();
+    let (model, trainer) = training.fresh_model(device)?;
+    let mut participant = Participant {
+        model,
+        trainer,
+        train,
+        test,
+        rng: ChaCha8Rng::seed_from_u64(seed),
+    };
+    let epochs = train_alone(
+        &mut participant,
+        training.epochs,
+        training.eval_every,
+        |record| {
+            tracing::debug!(run = %name, epoch = record.epoch, loss = record.loss, "epoch done");
+        },
+    )?;
+    let final_accuracy = epochs.last().and_then(|r| r.accuracy).unwrap_or(f64::NAN);
+    info!(run = %name, method, final_accuracy, "baseline finished");
+    Ok(RunMetrics {
+        participant: name,
+        method: method.to_string(),
+        model: training.model.name().to_string(),
+        training_examples: train.len(),
+        epochs,
+        final_accuracy,
+        global_accuracy: None,
+        bytes_sent: 0,
+        bytes_received: 0,
+        parameters_sent: 0,
+        parameters_received: 0,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        config: serde_json::Value::Null,
+    })
+}
+
+/// Runs the standalone baseline: each shard trained alone.
+pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
+    let training = &args.training;
+    let (device, mnist) = training.prepare()?;
+    let plan = training.shard_plan(mnist.train.len());
+    let indices: Vec<usize> = match args.index {
+        Some(index) if index >= training.participants => bail!(
+            "invalid index {index}: expected a number below participants ({})",
+            training.participants
+        ),
+        Some(index) => vec![index],
+        None => (0..training.participants).collect(),
+    };
+    let test = mnist.test.to_device(device);
+    let mut runs = Vec::with_capacity(indices.len());
+    for &index in &indices {
+        let train = mnist.train.subset(&plan.shard(index)).to_device(device);
+        let seed = participant_seed(training.data_seed, index);
+        let name = format!("p{index:03}");
+        runs.push(train_baseline(
+            training,
+            device,
+            name,
+            "standalone",
+            &train,
+            &test,
+            seed,
+        )?);
+        eprintln!(
+            "standalone: {} of {} shards trained",
+            runs.len(),
+            indices.len()
+        );
+    }
+    let accuracies: Vec<f64> = runs.iter().map(|r| r.final_accuracy).collect();
+    let summary = StandaloneSummary {
+        method: "standalone",
+        model: training.model.name().to_string(),
+        mean_accuracy: accuracies.iter().sum::<f64>() / accuracies.len() as f64,
+        min_accuracy: accuracies.iter().copied().fold(f64::INFINITY, f64::min),
+        max_accuracy: accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        runs,
+        config: args.clone(),
+    };
+    if let Some(path) = &training.metrics {
+        write_json(path, &summary)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    println!(
+        "standalone: mean accuracy {:.4} over {} shards (min {:.4}, max {:.4})",
+        summary.mean_accuracy,
+        accuracies.len(),
+        summary.min_accuracy,
+        summary.max_accuracy
+    );
+    Ok(())
+}
+
+/// Runs the centralized baseline: one model on the union of all shards.
+pub fn centralized(args: &BaselineArgs) -> anyhow::Result<()> {
+    let training = &args.training;
+    let (device, mnist) = training.prepare()?;
+    let union = training.shard_plan(mnist.train.len()).union();
+    let train = mnist.train.subset(&union).to_device(device);
+    let test = mnist.test.to_device(device);
+    let mut metrics = train_baseline(
+        training,
+        device,
+        "centralized".into(),
+        "centralized",
+        &train,
+        &test,
+        training.data_seed,
+    )?;
+    metrics.config = serde_json::to_value(args)?;
+    if let Some(path) = &training.metrics {
+        metrics
+            .write(path)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    println!(
+        "centralized: accuracy {:.4} on {} pooled examples",
+        metrics.final_accuracy,
+        train.len()
+    );
+    Ok(())
+}
+
+/// The ordering names accepted on the command line, parsed by clap.
+pub fn parse_ordering(text: &str) -> Result<Ordering, String> {
+    text.parse()
+        .map_err(|error: dssgd_common::config::ConfigError| error.to_string())
+}

@@ -1,0 +1,341 @@
+//! gRPC client of the parameter server, with retries.
+//!
+//! Every call is retried with exponential backoff while the server is
+//! unreachable or overloaded, up to a total time limit. Uploads are safe to
+//! retry because each carries an upload id that the server applies at most
+//! once.
+
+use std::time::Duration;
+
+use dssgd_common::sparse::{self, SparseSlice};
+use dssgd_proto::v1 as pb;
+use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{debug, warn};
+
+/// How long to keep retrying a call, and how fast.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// First wait after a failure.
+    pub initial_backoff: Duration,
+    /// Longest wait between two attempts.
+    pub max_backoff: Duration,
+    /// Give up once this much time has passed since the first attempt.
+    pub give_up_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            give_up_after: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Failure of a call after retries, or a rejection by the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server address is not a valid URI.
+    #[error("invalid server address {address:?}: {source}")]
+    Address {
+        /// The address given.
+        address: String,
+        /// Parse error.
+        source: tonic::transport::Error,
+    },
+    /// The server answered with an error that retrying cannot fix.
+    #[error("{rpc} rejected by the server ({code:?}): {message}")]
+    Rejected {
+        /// Name of the call.
+        rpc: &'static str,
+        /// gRPC status code.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The server stayed unavailable for the whole retry period.
+    #[error("{rpc} failed after retrying for {seconds:.0} s: {last}")]
+    GaveUp {
+        /// Name of the call.
+        rpc: &'static str,
+        /// Time spent retrying.
+        seconds: f64,
+        /// The last error.
+        last: String,
+    },
+    /// The server sent a response this client cannot decode.
+    #[error("invalid {rpc} response: {reason}")]
+    InvalidResponse {
+        /// Name of the call.
+        rpc: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Parameters received by a download.
+#[derive(Clone, Debug)]
+pub struct Downloaded {
+    /// Version the parameters were read at.
+    pub version: u64,
+    /// Selected indices; `None` when all parameters were sent.
+    pub indices: Option<Vec<u32>>,
+    /// Values, one per index (or per parameter).
+    pub values: Vec<f32>,
+}
+
+/// Byte counters of the messages sent and received (protobuf encoded size).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Traffic {
+    /// Bytes of requests sent, counting each attempt once.
+    pub bytes_sent: u64,
+    /// Bytes of responses received.
+    pub bytes_received: u64,
+}
+
+/// A connection to one parameter server.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: ParameterServerClient<Channel>,
+    participant_id: String,
+    retry: RetryPolicy,
+    traffic: Traffic,
+}
+
+fn is_retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
+    ) || (status.code() == Code::Unknown && status.message().contains("transport"))
+}
+
+impl Client {
+    /// Creates a client for `address` (for example `http://127.0.0.1:50051`).
+    /// The connection is made lazily, so a server that is not up yet is
+    /// reached by the first call's retries.
+    pub fn new(
+        address: &str,
+        participant_id: &str,
+        max_message_bytes: usize,
+        retry: RetryPolicy,
+    ) -> Result<Self, ClientError> {
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|source| ClientError::Address {
+                address: address.to_string(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let inner = ParameterServerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        Ok(Self {
+            inner,
+            participant_id: participant_id.to_string(),
+            retry,
+            traffic: Traffic::default(),
+        })
+    }
+
+    /// The bytes sent and received so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+
+    /// The participant this client speaks for.
+    pub fn participant_id(&self) -> &str {
+        &self.participant_id
+    }
+
+    /// Runs `call` until it succeeds, fails with a non-retryable status, or
+    /// the retry period runs out.
+    async fn with_retry<Req, Resp, F, Fut>(
+        &mut self,
+        rpc: &'static str,
+        request: Req,
+        call: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Message + Clone,
+        Resp: Message,
+        F: Fn(ParameterServerClient<Channel>, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut backoff = self.retry.initial_backoff;
+        let request_bytes = request.encoded_len() as u64;
+        loop {
+            self.traffic.bytes_sent += request_bytes;
+            match call(self.inner.clone(), request.clone()).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    self.traffic.bytes_received += response.encoded_len() as u64;
+                    return Ok(response);
+                }
+                Err(status) if is_retryable(&status) => {
+                    let elapsed = started.elapsed();
+                    if elapsed >= self.retry.give_up_after {
+                        return Err(ClientError::GaveUp {
+                            rpc,
+                            seconds: elapsed.as_secs_f64(),
+                            last: status.message().to_string(),
+                        });
+                    }
+                    warn!(
+                        participant = %self.participant_id,
+                        rpc,
+                        code = ?status.code(),
+                        error = %status.message(),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "call failed; retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                }
+                Err(status) => {
+                    return Err(ClientError::Rejected {
+                        rpc,
+                        code: status.code(),
+                        message: status.message().to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Joins the federation, sending the model identity and its initial
+    /// parameters (used only if the server has none yet).
+    pub async fn join(
+        &mut self,
+        model: pb::ModelInfo,
+        initial_parameters: &[f32],
+    ) -> Result<pb::JoinResponse, ClientError> {
+        let request = pb::JoinRequest {
+            participant_id: self.participant_id.clone(),
+            model: Some(model),
+            initial_parameters: Some(pb::SparseSlice {
+                indices: Vec::new(),
+                values: sparse::encode_values(initial_parameters),
+                dense: true,
+            }),
+        };
+        self.with_retry("Join", request, |mut client, request| async move {
+            client.join(request).await
+        })
+        .await
+    }
+
+    /// Downloads the `theta_d` fraction of most-updated global parameters.
+    pub async fn download(
+        &mut self,
+        theta_d: f64,
+        parameter_count: u64,
+    ) -> Result<Downloaded, ClientError> {
+        let request = pb::DownloadRequest {
+            participant_id: self.participant_id.clone(),
+            theta_d,
+        };
+        let response = self
+            .with_retry(
+                "DownloadParameters",
+                request,
+                |mut client, request| async move { client.download_parameters(request).await },
+            )
+            .await?;
+        let invalid = |reason: String| ClientError::InvalidResponse {
+            rpc: "DownloadParameters",
+            reason,
+        };
+        let slice = response
+            .parameters
+            .ok_or_else(|| invalid("no parameters".into()))?;
+        let (indices, values) = if slice.dense {
+            let values = SparseSlice::decode_dense(&slice.values, parameter_count)
+                .map_err(|error| invalid(error.to_string()))?;
+            (None, values)
+        } else {
+            let decoded = SparseSlice::decode(&slice.indices, &slice.values, parameter_count)
+                .map_err(|error| invalid(error.to_string()))?;
+            (Some(decoded.indices), decoded.values)
+        };
+        debug!(participant = %self.participant_id, version = response.version, "downloaded");
+        Ok(Downloaded {
+            version: response.version,
+            indices,
+            values,
+        })
+    }
+
+    /// Uploads one slice of parameter changes. Retries reuse `upload_id`, so
+    /// the server applies the slice at most once.
+    pub async fn upload(
+        &mut self,
+        request: pb::UploadRequest,
+    ) -> Result<pb::UploadResponse, ClientError> {
+        self.with_retry(
+            "UploadGradients",
+            request,
+            |mut client, request| async move { client.upload_gradients(request).await },
+        )
+        .await
+    }
+
+    /// Waits until the server grants this participant the turn; returns the
+    /// token and the lease.
+    pub async fn acquire_turn(&mut self) -> Result<(String, Duration), ClientError> {
+        loop {
+            let request = pb::TurnRequest {
+                participant_id: self.participant_id.clone(),
+            };
+            let response = self
+                .with_retry("AcquireTurn", request, |mut client, request| async move {
+                    client.acquire_turn(request).await
+                })
+                .await?;
+            if response.granted {
+                return Ok((response.token, Duration::from_millis(response.lease_ms)));
+            }
+        }
+    }
+
+    /// Extends the lease of a held turn.
+    pub async fn renew_turn(&mut self, token: &str) -> Result<Duration, ClientError> {
+        let request = pb::TurnLease {
+            participant_id: self.participant_id.clone(),
+            token: token.to_string(),
+        };
+        let response = self
+            .with_retry("RenewTurn", request, |mut client, request| async move {
+                client.renew_turn(request).await
+            })
+            .await?;
+        Ok(Duration::from_millis(response.lease_ms))
+    }
+
+    /// Gives the turn back.
+    pub async fn release_turn(&mut self, token: &str) -> Result<(), ClientError> {
+        let request = pb::TurnLease {
+            participant_id: self.participant_id.clone(),
+            token: token.to_string(),
+        };
+        self.with_retry("ReleaseTurn", request, |mut client, request| async move {
+            client.release_turn(request).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Reads the server's status.
+    pub async fn status(&mut self) -> Result<pb::StatusResponse, ClientError> {
+        self.with_retry(
+            "GetStatus",
+            pb::StatusRequest {},
+            |mut client, request| async move { client.get_status(request).await },
+        )
+        .await
+    }
+}

@@ -1,0 +1,352 @@
+//! The participant side of Distributed Selective SGD: per local epoch,
+//! download the most-updated global parameters, train one epoch, select and
+//! bound part of the parameter change, and upload it.
+
+use std::time::{Duration, Instant};
+
+use dssgd_common::config::Ordering;
+use dssgd_common::select::{fraction_count, gather_bounded, select_largest, select_threshold};
+use dssgd_common::sparse;
+use dssgd_proto::v1 as pb;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::client::{Client, ClientError};
+use crate::data::Dataset;
+use crate::metrics::{EpochRecord, RunMetrics};
+use crate::model::Model;
+use crate::train::{LocalTrainer, TrainError, evaluate};
+
+/// Mini-batch size of test evaluation. The CNN evaluates about twice as fast
+/// in batches of 100 as in batches of 1,000 on a CPU core; the MLP does not
+/// care.
+const EVAL_BATCH: usize = 100;
+
+/// Rule that picks which parameter changes to upload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selection {
+    /// The `c` changes with the largest absolute value.
+    Largest,
+    /// Changes at least `tau` in absolute value, visited in random order,
+    /// until `c` are taken.
+    Threshold,
+}
+
+/// Settings of the collaborative loop.
+#[derive(Clone, Debug, Serialize)]
+pub struct CollaborativeConfig {
+    /// Number of local epochs (one upload each).
+    pub epochs: usize,
+    /// Upload fraction theta_u in (0, 1].
+    pub theta_u: f64,
+    /// Download fraction theta_d in [0, 1].
+    pub theta_d: f64,
+    /// Bound gamma: uploaded values are clipped to [-gamma, gamma].
+    pub gamma: f64,
+    /// Threshold tau of the threshold selection.
+    pub tau: f64,
+    /// Selection rule.
+    pub selection: Selection,
+    /// Evaluate test accuracy every this many epochs (and after the last).
+    pub eval_every: usize,
+}
+
+/// Errors that end a collaborative run.
+#[derive(Debug, thiserror::Error)]
+pub enum DssgdError {
+    /// A call to the server failed for good.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Local training failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// The server serves a different model.
+    #[error("the server serves {server}, but this participant has {local}")]
+    ModelMismatch {
+        /// The server's model, described.
+        server: String,
+        /// The local model, described.
+        local: String,
+    },
+    /// A downloaded slice does not fit the local model.
+    #[error("downloaded parameters do not fit the local model: {0}")]
+    Download(String),
+    /// The parameter change contains NaN or infinity.
+    #[error(
+        "local training produced a non-finite change at parameter {index}; lower the learning rate"
+    )]
+    NonFiniteChange {
+        /// First offending parameter.
+        index: usize,
+    },
+}
+
+/// Identity of `model` as the protocol describes it.
+pub fn model_info(model: &Model) -> pb::ModelInfo {
+    pb::ModelInfo {
+        name: model.kind.name().to_string(),
+        parameter_count: model.parameter_count() as u64,
+        layout_hash: model.layout_hash(),
+    }
+}
+
+fn describe(info: &pb::ModelInfo) -> String {
+    format!(
+        "{} ({} parameters, layout {})",
+        info.name, info.parameter_count, info.layout_hash
+    )
+}
+
+/// Everything one participant trains with.
+pub struct Participant<'a, R: Rng> {
+    /// The local model.
+    pub model: Model,
+    /// Its optimizer and schedule.
+    pub trainer: LocalTrainer,
+    /// The participant's shard of the training set.
+    pub train: &'a Dataset,
+    /// The test set.
+    pub test: &'a Dataset,
+    /// Source of shuffles and threshold selection.
+    pub rng: R,
+}
+
+/// A held turn whose lease a background task renews until it is dropped.
+struct HeldTurn {
+    token: String,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for HeldTurn {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn hold_turn(runtime: &Runtime, client: &mut Client) -> Result<HeldTurn, ClientError> {
+    let (token, lease) = runtime.block_on(client.acquire_turn())?;
+    let (stop, mut stopped) = watch::channel(false);
+    let mut renewer = client.clone();
+    let renew_token = token.clone();
+    // Renewing at a third of the lease leaves two chances before it expires.
+    let period = (lease / 3).max(Duration::from_millis(100));
+    runtime.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            if let Err(error) = renewer.renew_turn(&renew_token).await {
+                warn!(participant = %renewer.participant_id(), %error, "renewing the turn failed");
+                return;
+            }
+        }
+    });
+    Ok(HeldTurn { token, stop })
+}
+
+/// Runs the collaborative loop against the server behind `client` and
+/// returns the participant's metrics. `on_epoch` sees each finished epoch.
+pub fn run_collaborative<R: Rng>(
+    runtime: &Runtime,
+    client: &mut Client,
+    participant: &mut Participant<'_, R>,
+    config: &CollaborativeConfig,
+    mut on_epoch: impl FnMut(&EpochRecord),
+) -> Result<RunMetrics, DssgdError> {
+    let started = Instant::now();
+    let local = model_info(&participant.model);
+    let initial = participant.model.flat_parameters();
+    let joined = runtime.block_on(client.join(local.clone(), &initial))?;
+    let served = joined.model.clone().unwrap_or_default();
+    if served != local {
+        return Err(DssgdError::ModelMismatch {
+            server: describe(&served),
+            local: describe(&local),
+        });
+    }
+    let ordering = match pb::Ordering::try_from(joined.ordering) {
+        Ok(pb::Ordering::RoundRobin) => Ordering::RoundRobin,
+        Ok(pb::Ordering::RandomOrder) => Ordering::RandomOrder,
+        _ => Ordering::Asynchronous,
+    };
+    info!(
+        participant = %client.participant_id(),
+        version = joined.version,
+        ordering = ordering.name(),
+        initialized = joined.initialized_parameters,
+        "joined the federation"
+    );
+
+    let n = participant.model.parameter_count();
+    let c = fraction_count(config.theta_u, n);
+    // Upload ids continue above the last one the server applied, so a
+    // restarted participant never reuses an id.
+    let first_upload_id = joined.last_upload_id + 1;
+    let mut epochs = Vec::with_capacity(config.epochs);
+    let (mut parameters_sent, mut parameters_received) = (0u64, 0u64);
+
+    for epoch in 1..=config.epochs {
+        let epoch_started = Instant::now();
+        let turn = if ordering.uses_turns() {
+            Some(hold_turn(runtime, client)?)
+        } else {
+            None
+        };
+
+        let downloaded = runtime.block_on(client.download(config.theta_d, n as u64))?;
+        let received = apply_download(&mut participant.model, &downloaded)?;
+        parameters_received += received as u64;
+
+        let before = participant.model.flat_parameters();
+        let loss = participant.trainer.train_epoch(
+            &participant.model,
+            participant.train,
+            &mut participant.rng,
+        )?;
+        let after = participant.model.flat_parameters();
+        let delta: Vec<f32> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        if let Some(index) = delta.iter().position(|d| !d.is_finite()) {
+            return Err(DssgdError::NonFiniteChange { index });
+        }
+
+        let indices = match config.selection {
+            Selection::Largest => select_largest(&delta, c),
+            Selection::Threshold => {
+                select_threshold(&delta, c, config.tau as f32, &mut participant.rng)
+            }
+        };
+        let values = gather_bounded(&delta, &indices, config.gamma as f32);
+        let request = pb::UploadRequest {
+            participant_id: client.participant_id().to_string(),
+            upload_id: first_upload_id + (epoch as u64 - 1),
+            base_version: downloaded.version,
+            layout_hash: local.layout_hash.clone(),
+            gamma: config.gamma,
+            theta_u: config.theta_u,
+            changes: Some(pb::SparseSlice {
+                indices: sparse::encode_indices(&indices),
+                values: sparse::encode_values(&values),
+                dense: false,
+            }),
+            turn_token: turn.as_ref().map(|t| t.token.clone()).unwrap_or_default(),
+        };
+        let uploaded = runtime.block_on(client.upload(request))?;
+        parameters_sent += indices.len() as u64;
+        if let Some(turn) = turn {
+            let token = turn.token.clone();
+            drop(turn);
+            runtime.block_on(client.release_turn(&token))?;
+        }
+
+        let evaluate_now = epoch % config.eval_every.max(1) == 0 || epoch == config.epochs;
+        let accuracy =
+            evaluate_now.then(|| evaluate(&participant.model, participant.test, EVAL_BATCH));
+        let record = EpochRecord {
+            epoch,
+            loss,
+            accuracy,
+            version: Some(downloaded.version),
+            parameters_downloaded: received,
+            parameters_uploaded: indices.len(),
+            seconds: epoch_started.elapsed().as_secs_f64(),
+        };
+        info!(
+            participant = %client.participant_id(),
+            epoch,
+            version = uploaded.version,
+            loss,
+            accuracy = accuracy.unwrap_or(f64::NAN),
+            uploaded = indices.len(),
+            "epoch done"
+        );
+        on_epoch(&record);
+        epochs.push(record);
+    }
+
+    // The participant's final model: its local model with one last download
+    // of theta_d, as at the start of every epoch.
+    let last = runtime.block_on(client.download(config.theta_d, n as u64))?;
+    parameters_received += apply_download(&mut participant.model, &last)? as u64;
+    let final_accuracy = evaluate(&participant.model, participant.test, EVAL_BATCH);
+    let global_accuracy = if last.indices.is_none() {
+        final_accuracy
+    } else {
+        let full = runtime.block_on(client.download(1.0, n as u64))?;
+        apply_download(&mut participant.model, &full)?;
+        evaluate(&participant.model, participant.test, EVAL_BATCH)
+    };
+    info!(
+        participant = %client.participant_id(),
+        final_accuracy,
+        global_accuracy,
+        "collaborative training finished"
+    );
+    let traffic = client.traffic();
+    Ok(RunMetrics {
+        participant: client.participant_id().to_string(),
+        method: "collaborative".into(),
+        model: local.name,
+        training_examples: participant.train.len(),
+        epochs,
+        final_accuracy,
+        global_accuracy: Some(global_accuracy),
+        bytes_sent: traffic.bytes_sent,
+        bytes_received: traffic.bytes_received,
+        parameters_sent,
+        parameters_received,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        config: serde_json::to_value(config).unwrap_or_default(),
+    })
+}
+
+/// Writes downloaded values into the local model; returns how many.
+fn apply_download(
+    model: &mut Model,
+    downloaded: &crate::client::Downloaded,
+) -> Result<usize, DssgdError> {
+    let result = match &downloaded.indices {
+        None => model.set_flat_parameters(&downloaded.values),
+        Some(indices) => model.overwrite_parameters(indices, &downloaded.values),
+    };
+    result.map_err(|error| DssgdError::Download(error.to_string()))?;
+    Ok(downloaded.values.len())
+}
+
+/// Trains `model` alone on `train` for `epochs` epochs (the standalone and
+/// centralized baselines), evaluating every `eval_every` epochs.
+pub fn train_alone<R: Rng>(
+    participant: &mut Participant<'_, R>,
+    epochs: usize,
+    eval_every: usize,
+    mut on_epoch: impl FnMut(&EpochRecord),
+) -> Result<Vec<EpochRecord>, TrainError> {
+    let mut records = Vec::with_capacity(epochs);
+    for epoch in 1..=epochs {
+        let started = Instant::now();
+        let loss = participant.trainer.train_epoch(
+            &participant.model,
+            participant.train,
+            &mut participant.rng,
+        )?;
+        let evaluate_now = epoch % eval_every.max(1) == 0 || epoch == epochs;
+        let accuracy =
+            evaluate_now.then(|| evaluate(&participant.model, participant.test, EVAL_BATCH));
+        let record = EpochRecord {
+            epoch,
+            loss,
+            accuracy,
+            version: None,
+            parameters_downloaded: 0,
+            parameters_uploaded: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        on_epoch(&record);
+        records.push(record);
+    }
+    Ok(records)
+}

@@ -1,0 +1,22 @@
+//! A DSSGD participant: trains a network with libtorch on its private shard
+//! and shares only selected, bounded parameter changes with the parameter
+//! server.
+//!
+//! - [`data`]: MNIST loading (IDX, gzip or raw) and verified download.
+//! - [`model`]: the MLP and CNN and their flat parameter vector.
+//! - [`train`]: local mini-batch SGD and evaluation.
+//! - [`device`]: CPU or CUDA choice.
+//! - [`client`]: the gRPC client with retries.
+//! - [`dssgd`]: the collaborative loop and the baselines' training loop.
+//! - [`metrics`]: the JSON record of a run.
+//! - [`cli`]: the command-line interface, including the local simulation.
+
+pub mod cli;
+pub mod client;
+pub mod data;
+pub mod device;
+pub mod dssgd;
+pub mod metrics;
+pub mod model;
+pub mod simulate;
+pub mod train;

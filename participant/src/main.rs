@@ -1,0 +1,31 @@
+//! Command-line entry point of the DSSGD participant.
+
+use clap::Parser;
+use dssgd_participant::cli::{Cli, Command, centralized, collaborate, evaluate, standalone};
+use dssgd_participant::simulate::simulate;
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let result = match &cli.command {
+        Command::Collaborate(args) => collaborate(args),
+        Command::Standalone(args) => standalone(args),
+        Command::Centralized(args) => centralized(args),
+        Command::Evaluate(args) => evaluate(args),
+        Command::Simulate(args) => simulate(args).map(|_| ()),
+    };
+    if let Err(error) = result {
+        eprintln!("dssgd-participant: error: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,75 @@
+//! Metrics a participant or a baseline writes as JSON at the end of a run.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+/// One local epoch.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochRecord {
+    /// Epoch number, from 1.
+    pub epoch: usize,
+    /// Mean training loss over the epoch.
+    pub loss: f64,
+    /// Test accuracy of the local model after the epoch, when evaluated.
+    pub accuracy: Option<f64>,
+    /// Global version the epoch started from (collaborative runs only).
+    pub version: Option<u64>,
+    /// Parameters downloaded before the epoch.
+    pub parameters_downloaded: usize,
+    /// Parameters uploaded after the epoch.
+    pub parameters_uploaded: usize,
+    /// Wall time of the epoch, download and upload included, in seconds.
+    pub seconds: f64,
+}
+
+/// The whole record of one training run.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunMetrics {
+    /// Participant identifier, or the baseline's name.
+    pub participant: String,
+    /// `collaborative`, `standalone` or `centralized`.
+    pub method: String,
+    /// Model name.
+    pub model: String,
+    /// Number of training examples used.
+    pub training_examples: usize,
+    /// Per-epoch records.
+    pub epochs: Vec<EpochRecord>,
+    /// Test accuracy of the final model.
+    pub final_accuracy: f64,
+    /// Test accuracy of the full global model at the end (collaborative).
+    pub global_accuracy: Option<f64>,
+    /// Bytes of requests sent to the server.
+    pub bytes_sent: u64,
+    /// Bytes of responses received from the server.
+    pub bytes_received: u64,
+    /// Parameters sent over all uploads.
+    pub parameters_sent: u64,
+    /// Parameters received over all downloads.
+    pub parameters_received: u64,
+    /// Wall time of the whole run, in seconds.
+    pub wall_seconds: f64,
+    /// The effective settings of the run.
+    pub config: serde_json::Value,
+}
+
+impl RunMetrics {
+    /// Writes the metrics as pretty JSON to `path`, creating parent folders
+    /// and replacing the file atomically.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        write_json(path, self)
+    }
+}
+
+/// Writes `value` as pretty JSON to `path` through a temporary file and a
+/// rename, so a reader never sees half a file.
+pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(&temporary, text + "\n")?;
+    std::fs::rename(&temporary, path)
+}

@@ -1,0 +1,425 @@
+//! The main job: a whole federation on this machine. Starts the parameter
+//! server and N participant processes on loopback, runs both baselines on
+//! the same shards at the same time, shows progress, and prints collaborative
+//! accuracy next to the standalone mean and the centralized accuracy.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dssgd_common::config::{Ordering, check_positive};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cli::{SharingArgs, TrainingArgs, parse_ordering};
+use crate::data::ensure_mnist;
+
+/// Settings of a local simulation.
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct SimulateArgs {
+    /// Data, model and training settings.
+    #[command(flatten)]
+    pub training: TrainingArgs,
+
+    /// Sharing settings.
+    #[command(flatten)]
+    pub sharing: SharingArgs,
+
+    /// Ordering of participants: asynchronous, round-robin or random-order.
+    #[arg(long, env = "DSSGD_ORDERING", default_value = "asynchronous", value_parser = parse_ordering)]
+    pub ordering: Ordering,
+
+    /// Folder for the metrics, logs and summary of this run.
+    #[arg(long, env = "DSSGD_OUTPUT", default_value = "runs/latest")]
+    pub output: PathBuf,
+
+    /// Path of the dssgd-server binary (default: next to this binary).
+    #[arg(long, env = "DSSGD_SERVER_BIN")]
+    pub server_bin: Option<PathBuf>,
+
+    /// Lease of a turn in the ordered modes, in seconds.
+    #[arg(long, env = "DSSGD_LEASE_SECONDS", default_value_t = 30.0)]
+    pub lease_seconds: f64,
+
+    /// Skip the standalone and centralized baselines.
+    #[arg(long)]
+    pub skip_baselines: bool,
+
+    /// Do not download MNIST when --data-dir lacks it.
+    #[arg(long)]
+    pub no_download: bool,
+}
+
+/// The comparison printed and written at the end of a simulation.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Model name.
+    pub model: String,
+    /// Number of participants.
+    pub participants: usize,
+    /// Ordering used.
+    pub ordering: String,
+    /// Mean over participants of the test accuracy of their own final model
+    /// (their local model after one last download, when they finished).
+    pub collaborative_mean: f64,
+    /// Lowest participant accuracy.
+    pub collaborative_min: f64,
+    /// Highest participant accuracy.
+    pub collaborative_max: f64,
+    /// Test accuracy of the global parameters once every participant has
+    /// finished: the collaborative result.
+    pub global_accuracy: f64,
+    /// Version of the global parameters evaluated.
+    pub global_version: u64,
+    /// Mean standalone accuracy over the same shards.
+    pub standalone_mean: Option<f64>,
+    /// Centralized accuracy on the union of the shards.
+    pub centralized: Option<f64>,
+    /// Bytes sent by all participants.
+    pub bytes_sent: u64,
+    /// Bytes received by all participants.
+    pub bytes_received: u64,
+    /// Wall time of the whole simulation, in seconds.
+    pub wall_seconds: f64,
+    /// Every setting of the run.
+    pub config: SimulateArgs,
+}
+
+/// A child process killed when dropped, so an early error leaves no
+/// orphans behind.
+struct Managed {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("failed to locate this binary")?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found next to {}; build it with `cargo build --release -p dssgd-server` or pass --server-bin",
+            name,
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Command-line flags that reproduce `training` in a child process.
+fn training_flags(training: &TrainingArgs) -> Vec<String> {
+    let model = training.model.name().to_string();
+    let device = format!("{:?}", training.device).to_lowercase();
+    let pairs = [
+        ("--model", model),
+        ("--data-dir", training.data_dir.display().to_string()),
+        ("--participants", training.participants.to_string()),
+        ("--shard-fraction", training.shard_fraction.to_string()),
+        ("--data-seed", training.data_seed.to_string()),
+        ("--init-seed", training.init_seed.to_string()),
+        ("--epochs", training.epochs.to_string()),
+        ("--lr", training.learning_rate.to_string()),
+        ("--lr-decay", training.lr_decay.to_string()),
+        ("--batch-size", training.batch_size.to_string()),
+        ("--momentum", training.momentum.to_string()),
+        ("--eval-every", training.eval_every.to_string()),
+        ("--device", device),
+        ("--threads", training.threads.to_string()),
+    ];
+    pairs
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
+}
+
+fn sharing_flags(sharing: &SharingArgs) -> Vec<String> {
+    let selection = format!("{:?}", sharing.selection).to_lowercase();
+    let pairs = [
+        ("--theta-u", sharing.theta_u.to_string()),
+        ("--theta-d", sharing.theta_d.to_string()),
+        ("--gamma", sharing.gamma.to_string()),
+        ("--tau", sharing.tau.to_string()),
+        ("--selection", selection),
+    ];
+    pairs
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
+}
+
+fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> anyhow::Result<Managed> {
+    let log = logs.join(format!("{name}.log"));
+    let stderr =
+        File::create(&log).with_context(|| format!("failed to create {}", log.display()))?;
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .spawn()
+        .with_context(|| format!("failed to start {}", program.display()))?;
+    Ok(Managed {
+        name: name.to_string(),
+        child,
+        log,
+    })
+}
+
+/// Starts the server on an ephemeral loopback port and returns its address,
+/// read from the first line it prints.
+fn start_server(args: &SimulateArgs, logs: &Path) -> anyhow::Result<(Managed, String)> {
+    let server_bin = match &args.server_bin {
+        Some(path) => path.clone(),
+        None => sibling_binary("dssgd-server")?,
+    };
+    let flags = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--ordering".into(),
+        args.ordering.name().into(),
+        "--lease-seconds".into(),
+        args.lease_seconds.to_string(),
+        "--model".into(),
+        args.training.model.name().into(),
+    ];
+    let mut server = spawn("server", &server_bin, &flags, logs)?;
+    let stdout = server.child.stdout.take().expect("stdout is piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let Some(address) = line.trim().strip_prefix("listening on ") else {
+        bail!("the server did not start; see {}", server.log.display());
+    };
+    Ok((server, format!("http://{address}")))
+}
+
+/// Runs the simulation and prints the comparison.
+pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let training = &args.training;
+    training.validate()?;
+    args.sharing.validate()?;
+    check_positive("lease-seconds", args.lease_seconds)?;
+    ensure_mnist(&training.data_dir, !args.no_download)?;
+
+    let logs = args.output.join("logs");
+    let results = args.output.join("metrics");
+    std::fs::create_dir_all(&logs)
+        .with_context(|| format!("failed to create {}", logs.display()))?;
+    std::fs::create_dir_all(&results)?;
+    crate::metrics::write_json(&args.output.join("config.json"), args)?;
+    let participant_bin = std::env::current_exe()?;
+
+    let (server, address) = start_server(args, &logs)?;
+    eprintln!("parameter server at {address}; logs in {}", logs.display());
+
+    let mut participants = Vec::with_capacity(training.participants);
+    for index in 0..training.participants {
+        let mut flags = vec!["collaborate".to_string()];
+        flags.extend(training_flags(training));
+        flags.extend(sharing_flags(&args.sharing));
+        flags.extend([
+            "--server".into(),
+            address.clone(),
+            "--index".into(),
+            index.to_string(),
+            "--metrics".into(),
+            results
+                .join(format!("p{index:03}.json"))
+                .display()
+                .to_string(),
+        ]);
+        participants.push(spawn(
+            &format!("p{index:03}"),
+            &participant_bin,
+            &flags,
+            &logs,
+        )?);
+    }
+    let mut baselines = Vec::new();
+    if !args.skip_baselines {
+        for method in ["standalone", "centralized"] {
+            let mut flags = vec![method.to_string()];
+            flags.extend(training_flags(training));
+            flags.extend([
+                "--metrics".into(),
+                results.join(format!("{method}.json")).display().to_string(),
+            ]);
+            baselines.push(spawn(method, &participant_bin, &flags, &logs)?);
+        }
+    }
+
+    wait_with_progress(args, &address, &mut participants, &mut baselines)?;
+    let (global_accuracy, version) = crate::cli::evaluate_global(training, &address)?;
+    drop(server);
+
+    let mut summary = summarise(args, &results, started.elapsed())?;
+    summary.global_accuracy = global_accuracy;
+    summary.global_version = version;
+    crate::metrics::write_json(&args.output.join("summary.json"), &summary)?;
+    print_summary(&summary);
+    Ok(summary)
+}
+
+/// Waits for every child, showing the federation's progress from the
+/// server's upload count. Fails with the log path of the first child that
+/// exits with an error.
+fn wait_with_progress(
+    args: &SimulateArgs,
+    address: &str,
+    participants: &mut [Managed],
+    baselines: &mut [Managed],
+) -> anyhow::Result<()> {
+    let total = (args.training.participants * args.training.epochs) as u64;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} uploads, ETA {eta} {msg}",
+        )
+        .expect("the progress template is valid")
+        .progress_chars("=> "),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut status_client = {
+        let _guard = runtime.enter();
+        crate::client::Client::new(
+            address,
+            "simulate",
+            64 * 1024 * 1024,
+            crate::client::RetryPolicy {
+                give_up_after: Duration::from_secs(5),
+                ..Default::default()
+            },
+        )?
+    };
+    let mut last_report = Instant::now();
+    loop {
+        let mut running = 0;
+        for child in participants.iter_mut().chain(baselines.iter_mut()) {
+            match child.child.try_wait()? {
+                None => running += 1,
+                Some(status) if status.success() => {}
+                Some(status) => {
+                    bar.abandon();
+                    bail!(
+                        "{} exited with {status}; its log is {}",
+                        child.name,
+                        child.log.display()
+                    );
+                }
+            }
+        }
+        if let Ok(status) = runtime.block_on(status_client.status()) {
+            let uploads: u64 = status.participants.iter().map(|p| p.uploads).sum();
+            bar.set_position(uploads);
+            bar.set_message(format!("version {}", status.version));
+            // Without a terminal the bar is hidden; print a line a minute.
+            if bar.is_hidden() && last_report.elapsed() >= Duration::from_secs(60) {
+                eprintln!(
+                    "progress: {uploads}/{total} uploads, version {}",
+                    status.version
+                );
+                last_report = Instant::now();
+            }
+        }
+        if running == 0 {
+            bar.finish();
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("invalid JSON in {}", path.display()))
+}
+
+fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::Result<Summary> {
+    let mut accuracies = Vec::new();
+    let (mut bytes_sent, mut bytes_received) = (0, 0);
+    for index in 0..args.training.participants {
+        let metrics = read_json(&results.join(format!("p{index:03}.json")))?;
+        accuracies.push(metrics["final_accuracy"].as_f64().unwrap_or(f64::NAN));
+        bytes_sent += metrics["bytes_sent"].as_u64().unwrap_or(0);
+        bytes_received += metrics["bytes_received"].as_u64().unwrap_or(0);
+    }
+    let baseline = |name: &str, field: &str| -> anyhow::Result<Option<f64>> {
+        if args.skip_baselines {
+            return Ok(None);
+        }
+        Ok(read_json(&results.join(format!("{name}.json")))?[field].as_f64())
+    };
+    Ok(Summary {
+        model: args.training.model.name().to_string(),
+        participants: args.training.participants,
+        ordering: args.ordering.name().to_string(),
+        collaborative_mean: accuracies.iter().sum::<f64>() / accuracies.len() as f64,
+        collaborative_min: accuracies.iter().copied().fold(f64::INFINITY, f64::min),
+        collaborative_max: accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        global_accuracy: f64::NAN,
+        global_version: 0,
+        standalone_mean: baseline("standalone", "mean_accuracy")?,
+        centralized: baseline("centralized", "final_accuracy")?,
+        bytes_sent,
+        bytes_received,
+        wall_seconds: elapsed.as_secs_f64(),
+        config: args.clone(),
+    })
+}
+
+fn print_summary(summary: &Summary) {
+    let show = |value: Option<f64>| value.map_or("skipped".to_string(), |v| format!("{v:.4}"));
+    println!();
+    println!(
+        "{} participants, {}, {} ordering, theta_u {}, theta_d {}, {} epochs ({:.0} s)",
+        summary.participants,
+        summary.model,
+        summary.ordering,
+        summary.config.sharing.theta_u,
+        summary.config.sharing.theta_d,
+        summary.config.training.epochs,
+        summary.wall_seconds
+    );
+    println!(
+        "  collaborative (final global model)   {:.4}  (version {})",
+        summary.global_accuracy, summary.global_version
+    );
+    println!(
+        "  participants at their finish (mean)  {:.4}  [min {:.4}, max {:.4}]",
+        summary.collaborative_mean, summary.collaborative_min, summary.collaborative_max
+    );
+    println!(
+        "  standalone (mean of participants)    {}",
+        show(summary.standalone_mean)
+    );
+    println!(
+        "  centralized (union of the shards)    {}",
+        show(summary.centralized)
+    );
+    println!(
+        "  traffic: {:.1} MB sent, {:.1} MB received by all participants",
+        summary.bytes_sent as f64 / 1e6,
+        summary.bytes_received as f64 / 1e6
+    );
+}

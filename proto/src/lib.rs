@@ -1,0 +1,11 @@
+//! Generated gRPC types of the DSSGD protocol (package `dssgd.v1`).
+//!
+//! This crate owns the wire format only; the server and participant convert
+//! these messages into their own domain types at the service boundary.
+
+#![allow(missing_docs, unreachable_pub, clippy::all)]
+
+/// Version 1 of the protocol.
+pub mod v1 {
+    tonic::include_proto!("dssgd.v1");
+}

@@ -1,0 +1,145 @@
+//! Domain errors of the parameter server and their one mapping to gRPC
+//! status codes.
+
+use dssgd_common::config::ConfigError;
+use dssgd_common::sparse::SparseError;
+use thiserror::Error;
+use tonic::{Code, Status};
+
+/// Why the server rejected a request. Every variant leaves the global
+/// parameters unchanged.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// A field has an invalid value (fraction, bound, identifier).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The packed slice is malformed or violates a rule (range, duplicates,
+    /// counts, finiteness, bound).
+    #[error("invalid slice: {0}")]
+    Slice(#[from] SparseError),
+    /// A required field is missing.
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+    /// The slice has more entries than the declared upload fraction allows.
+    #[error(
+        "upload has {entries} entries but theta_u {theta_u} allows at most {allowed} of {parameter_count}"
+    )]
+    TooManyEntries {
+        /// Entries sent.
+        entries: usize,
+        /// Declared upload fraction.
+        theta_u: f64,
+        /// ceil(theta_u * parameter_count).
+        allowed: usize,
+        /// Number of parameters.
+        parameter_count: usize,
+    },
+    /// The declared gamma exceeds the largest bound the server accepts.
+    #[error("invalid gamma {gamma}: the server accepts at most {max_gamma} (--max-gamma)")]
+    GammaTooLarge {
+        /// Declared gamma.
+        gamma: f64,
+        /// Configured limit.
+        max_gamma: f64,
+    },
+    /// The upload id is zero.
+    #[error("invalid upload id 0: upload ids start at 1")]
+    ZeroUploadId,
+    /// The upload claims to be based on a version the server has not reached.
+    #[error("base version {base_version} is ahead of the current version {current_version}")]
+    FutureVersion {
+        /// Version the upload claims to build on.
+        base_version: u64,
+        /// The server's version.
+        current_version: u64,
+    },
+    /// The participant never joined.
+    #[error("unknown participant {0:?}: call Join first")]
+    UnknownParticipant(String),
+    /// No participant has joined yet, so there are no global parameters.
+    #[error("the server holds no parameters yet: the first participant to join supplies them")]
+    Uninitialized,
+    /// The first joining participant sent no usable initial parameters.
+    #[error("the server holds no parameters yet and the join carries no initial parameters")]
+    MissingInitialParameters,
+    /// The participant's model differs from the served one.
+    #[error("model mismatch: participant has {participant}, server serves {server}")]
+    ModelMismatch {
+        /// The participant's model, described.
+        participant: String,
+        /// The server's model, described.
+        server: String,
+    },
+    /// The upload's layout hash differs from the served one.
+    #[error("layout mismatch: upload has layout {upload}, server serves layout {server}")]
+    LayoutMismatch {
+        /// Layout hash in the upload.
+        upload: String,
+        /// The server's layout hash.
+        server: String,
+    },
+    /// An ordered mode requires the turn for this request.
+    #[error("participant {participant:?} does not hold the turn: {reason}")]
+    NoTurn {
+        /// The participant.
+        participant: String,
+        /// Why the turn is not held (expired, never granted, other holder).
+        reason: String,
+    },
+    /// The request does not apply to the configured ordering.
+    #[error("turns are not used in the asynchronous ordering")]
+    TurnsDisabled,
+}
+
+impl ServerError {
+    /// Short, stable label of the rejection reason, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ServerError::Config(_) => "invalid_setting",
+            ServerError::Slice(SparseError::DuplicateIndex { .. }) => "duplicate_index",
+            ServerError::Slice(SparseError::IndexOutOfRange { .. }) => "index_out_of_range",
+            ServerError::Slice(SparseError::CountMismatch { .. }) => "count_mismatch",
+            ServerError::Slice(SparseError::NonFiniteValue { .. }) => "non_finite_value",
+            ServerError::Slice(SparseError::OutOfBound { .. }) => "out_of_bound",
+            ServerError::Slice(_) => "malformed_slice",
+            ServerError::MissingField(_) => "missing_field",
+            ServerError::TooManyEntries { .. } => "too_many_entries",
+            ServerError::GammaTooLarge { .. } => "gamma_too_large",
+            ServerError::ZeroUploadId => "zero_upload_id",
+            ServerError::FutureVersion { .. } => "future_version",
+            ServerError::UnknownParticipant(_) => "unknown_participant",
+            ServerError::Uninitialized => "uninitialized",
+            ServerError::MissingInitialParameters => "missing_initial_parameters",
+            ServerError::ModelMismatch { .. } => "model_mismatch",
+            ServerError::LayoutMismatch { .. } => "layout_mismatch",
+            ServerError::NoTurn { .. } => "no_turn",
+            ServerError::TurnsDisabled => "turns_disabled",
+        }
+    }
+
+    /// The gRPC status code for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            ServerError::Config(_)
+            | ServerError::Slice(_)
+            | ServerError::MissingField(_)
+            | ServerError::TooManyEntries { .. }
+            | ServerError::GammaTooLarge { .. }
+            | ServerError::ZeroUploadId
+            | ServerError::FutureVersion { .. } => Code::InvalidArgument,
+            ServerError::UnknownParticipant(_) => Code::NotFound,
+            ServerError::Uninitialized
+            | ServerError::MissingInitialParameters
+            | ServerError::ModelMismatch { .. }
+            | ServerError::LayoutMismatch { .. }
+            | ServerError::NoTurn { .. }
+            | ServerError::TurnsDisabled => Code::FailedPrecondition,
+        }
+    }
+}
+
+impl From<ServerError> for Status {
+    fn from(error: ServerError) -> Self {
+        Status::new(error.code(), error.to_string())
+    }
+}

@@ -1,0 +1,102 @@
+//! The DSSGD parameter server: keeps the global parameters, a per-parameter
+//! update counter and a version, applies participants' sparse uploads
+//! atomically and serves downloads of the most-updated parameters.
+//!
+//! - [`store`]: the state behind one lock, and the apply and download rules.
+//! - [`turns`]: leased, exclusive turns for the round robin and random
+//!   orderings.
+//! - [`service`]: the tonic handler, validation, and protobuf conversion.
+//! - [`error`]: rejection reasons and their gRPC status codes.
+//!
+//! The server does not link libtorch. It learns the model from the first
+//! participant that joins, which sends the model's name, parameter count,
+//! layout hash and initial parameters; every later participant must declare
+//! the same model.
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod service;
+pub mod store;
+pub mod turns;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dssgd_common::config::Ordering;
+use dssgd_proto::v1::parameter_server_server::ParameterServerServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use service::Service;
+pub use store::Store;
+
+/// Default largest gRPC message, in bytes. tonic's own default is 4 MiB,
+/// which a dense upload or download of a model above one million parameters
+/// exceeds; 64 MiB covers 16 million f32 parameters. Participants read the
+/// server's value from the join response and use it for their side.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Settings of one server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// How participants take turns.
+    pub ordering: Ordering,
+    /// Lease of a turn in the ordered modes; a holder that neither renews
+    /// nor releases within it loses the turn.
+    pub lease: Duration,
+    /// Longest time one AcquireTurn call waits before returning ungranted.
+    pub turn_wait: Duration,
+    /// Largest request or response, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest bound gamma an upload may declare; `None` accepts any.
+    pub max_gamma: Option<f64>,
+    /// Model name the server accepts; `None` takes the first participant's.
+    pub expected_model: Option<String>,
+    /// Seed of the random ordering and of turn tokens.
+    pub seed: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            ordering: Ordering::Asynchronous,
+            lease: Duration::from_secs(60),
+            turn_wait: Duration::from_secs(10),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_gamma: None,
+            expected_model: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Serves the parameter server on `listener` until `shutdown` completes,
+/// then stops accepting and lets in-flight calls finish.
+pub async fn run(
+    config: ServerConfig,
+    store: Arc<Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let max_message_bytes = config.max_message_bytes;
+    let address = listener.local_addr().ok();
+    info!(
+        address = ?address,
+        ordering = config.ordering.name(),
+        lease_ms = config.lease.as_millis() as u64,
+        max_message_bytes,
+        "parameter server listening"
+    );
+    let service = ParameterServerServer::new(Service::new(store, config))
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    info!("parameter server stopped");
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Command-line entry point of the DSSGD parameter server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use dssgd_common::config::{Ordering, check_positive};
+use dssgd_server::{DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, Store};
+use tokio::net::TcpListener;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+/// DSSGD parameter server: holds the global parameters that participants
+/// update with sparse, bounded uploads. Every option can also be set through
+/// the environment variable named in its help.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "DSSGD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+
+    /// Ordering of participants: asynchronous, round-robin or random-order.
+    #[arg(long, env = "DSSGD_ORDERING", default_value = "asynchronous")]
+    ordering: Ordering,
+
+    /// Lease of a turn in the ordered modes, in seconds; a participant that
+    /// dies holding the turn delays the others by at most this long.
+    #[arg(long, env = "DSSGD_LEASE_SECONDS", default_value_t = 60.0)]
+    lease_seconds: f64,
+
+    /// Largest gRPC message in bytes, in both directions.
+    #[arg(long, env = "DSSGD_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+
+    /// Largest bound gamma an upload may declare (default: any).
+    #[arg(long, env = "DSSGD_MAX_GAMMA")]
+    max_gamma: Option<f64>,
+
+    /// Accept only participants of this model (mlp or cnn); by default the
+    /// first participant's model is served.
+    #[arg(long, env = "DSSGD_MODEL")]
+    model: Option<String>,
+
+    /// Seed of the random ordering.
+    #[arg(long, env = "DSSGD_SEED", default_value_t = 0)]
+    seed: u64,
+
+    /// Write logs as JSON lines.
+    #[arg(long, env = "DSSGD_LOG_JSON")]
+    log_json: bool,
+}
+
+fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
+    let lease = check_positive("lease-seconds", args.lease_seconds)?;
+    if let Some(max_gamma) = args.max_gamma {
+        check_positive("max-gamma", max_gamma)?;
+    }
+    anyhow::ensure!(
+        args.max_message_bytes >= 1024,
+        "invalid max-message-bytes {}: expected at least 1024",
+        args.max_message_bytes
+    );
+    Ok(ServerConfig {
+        ordering: args.ordering,
+        lease: Duration::from_secs_f64(lease),
+        max_message_bytes: args.max_message_bytes,
+        max_gamma: args.max_gamma,
+        expected_model: args.model.clone(),
+        seed: args.seed,
+        ..ServerConfig::default()
+    })
+}
+
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler should succeed on Unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupt received; shutting down"),
+        _ = terminate.recv() => info!("SIGTERM received; shutting down"),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_logging(args.log_json);
+    if let Err(error) = serve(&args).await {
+        eprintln!("dssgd-server: error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn serve(args: &Args) -> anyhow::Result<()> {
+    let config = config_from(args)?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    // Tests and the local simulation start the server on port 0 and read the
+    // real port from this line.
+    println!("listening on {}", listener.local_addr()?);
+    dssgd_server::run(config, Arc::new(Store::new()), listener, shutdown_signal()).await?;
+    Ok(())
+}

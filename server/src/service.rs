@@ -1,0 +1,357 @@
+//! The gRPC service: converts protobuf messages into domain types,
+//! validates them, and calls the store and the turn coordinator.
+
+use std::sync::Arc;
+
+use dssgd_common::config::{
+    Ordering, check_participant_id, check_positive, check_unit_closed, check_unit_open_closed,
+};
+use dssgd_common::select::fraction_count;
+use dssgd_common::sparse::{self, SparseSlice};
+use dssgd_proto::v1 as pb;
+use dssgd_proto::v1::parameter_server_server::ParameterServer;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::ServerConfig;
+use crate::error::ServerError;
+use crate::store::{ModelInfo, Store, Upload};
+use crate::turns::Turns;
+
+/// The parameter server's gRPC handler.
+#[derive(Debug, Clone)]
+pub struct Service {
+    store: Arc<Store>,
+    turns: Arc<Turns>,
+    config: Arc<ServerConfig>,
+}
+
+impl Service {
+    /// Creates a handler over `store`.
+    pub fn new(store: Arc<Store>, config: ServerConfig) -> Self {
+        let turns = Turns::new(config.ordering, config.lease, config.seed);
+        Self {
+            store,
+            turns: Arc::new(turns),
+            config: Arc::new(config),
+        }
+    }
+
+    fn join(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse, ServerError> {
+        let participant = check_participant_id(&request.participant_id)?;
+        let model = request.model.ok_or(ServerError::MissingField("model"))?;
+        let model = ModelInfo {
+            name: model.name,
+            parameter_count: model.parameter_count,
+            layout_hash: model.layout_hash,
+        };
+        if let Some(expected) = &self.config.expected_model
+            && *expected != model.name
+        {
+            return Err(ServerError::ModelMismatch {
+                participant: model.to_string(),
+                server: format!("{expected} (--model)"),
+            });
+        }
+        if model.parameter_count == 0 {
+            return Err(ServerError::MissingField("model.parameter_count"));
+        }
+        let initial = match (self.store.model(), request.initial_parameters) {
+            (None, Some(slice)) if slice.dense => Some(SparseSlice::decode_dense(
+                &slice.values,
+                model.parameter_count,
+            )?),
+            _ => None,
+        };
+        let (record, version, initialized) = self.store.join(participant, &model, initial)?;
+        self.turns.register(participant);
+        info!(participant, model = %model, version, initialized, "participant joined");
+        Ok(pb::JoinResponse {
+            model: Some(to_proto_model(&model)),
+            ordering: to_proto_ordering(self.config.ordering) as i32,
+            version,
+            last_upload_id: record.last_upload_id,
+            initialized_parameters: initialized,
+            max_message_bytes: self.config.max_message_bytes as u64,
+        })
+    }
+
+    fn download(&self, request: pb::DownloadRequest) -> Result<pb::DownloadResponse, ServerError> {
+        self.check_registered(&request.participant_id)?;
+        let theta_d = check_unit_closed("theta_d", request.theta_d)?;
+        let download = self.store.download(theta_d)?;
+        debug!(
+            participant = %request.participant_id,
+            version = download.version,
+            parameters = download.values.len(),
+            "download"
+        );
+        let parameters = match &download.indices {
+            None => pb::SparseSlice {
+                indices: Vec::new(),
+                values: sparse::encode_values(&download.values),
+                dense: true,
+            },
+            Some(indices) => pb::SparseSlice {
+                indices: sparse::encode_indices(indices),
+                values: sparse::encode_values(&download.values),
+                dense: false,
+            },
+        };
+        Ok(pb::DownloadResponse {
+            version: download.version,
+            parameters: Some(parameters),
+        })
+    }
+
+    fn upload(&self, request: pb::UploadRequest) -> Result<pb::UploadResponse, ServerError> {
+        let participant = request.participant_id.clone();
+        self.check_registered(&participant)?;
+        let model = self.store.model().ok_or(ServerError::Uninitialized)?;
+        if request.layout_hash != model.layout_hash {
+            return Err(ServerError::LayoutMismatch {
+                upload: request.layout_hash,
+                server: model.layout_hash,
+            });
+        }
+        let gamma = check_positive("gamma", request.gamma)?;
+        if let Some(max_gamma) = self.config.max_gamma
+            && gamma > max_gamma
+        {
+            return Err(ServerError::GammaTooLarge { gamma, max_gamma });
+        }
+        let theta_u = check_unit_open_closed("theta_u", request.theta_u)?;
+        if request.upload_id == 0 {
+            return Err(ServerError::ZeroUploadId);
+        }
+        let changes = decode_changes(request.changes, model.parameter_count)?;
+        let n = model.parameter_count as usize;
+        let allowed = fraction_count(theta_u, n);
+        if changes.len() > allowed {
+            return Err(ServerError::TooManyEntries {
+                entries: changes.len(),
+                theta_u,
+                allowed,
+                parameter_count: n,
+            });
+        }
+        changes.check_bound(gamma)?;
+        if self.config.ordering.uses_turns() {
+            self.turns.check(&participant, &request.turn_token)?;
+        }
+
+        let upload = Upload {
+            participant,
+            upload_id: request.upload_id,
+            base_version: request.base_version,
+            changes,
+        };
+        let outcome = self.store.apply(&upload)?;
+        debug!(
+            participant = %upload.participant,
+            upload_id = upload.upload_id,
+            base_version = upload.base_version,
+            version = outcome.version,
+            parameters = upload.changes.len(),
+            applied = outcome.applied,
+            "upload"
+        );
+        if !outcome.applied {
+            info!(
+                participant = %upload.participant,
+                upload_id = upload.upload_id,
+                "repeated upload id acknowledged without applying it again"
+            );
+        }
+        Ok(pb::UploadResponse {
+            version: outcome.version,
+            applied: outcome.applied,
+        })
+    }
+
+    fn check_registered(&self, participant: &str) -> Result<(), ServerError> {
+        check_participant_id(participant)?;
+        if self.store.is_registered(participant) {
+            Ok(())
+        } else {
+            Err(ServerError::UnknownParticipant(participant.to_string()))
+        }
+    }
+
+    fn status(&self) -> pb::StatusResponse {
+        let status = self.store.status();
+        pb::StatusResponse {
+            model: status.model.as_ref().map(to_proto_model),
+            version: status.version,
+            ordering: to_proto_ordering(self.config.ordering) as i32,
+            participants: status
+                .participants
+                .iter()
+                .map(|(id, record)| pb::ParticipantStatus {
+                    participant_id: id.clone(),
+                    uploads: record.uploads,
+                    parameters_uploaded: record.parameters_uploaded,
+                    last_upload_id: record.last_upload_id,
+                })
+                .collect(),
+            total_updates: status.total_updates,
+        }
+    }
+}
+
+fn decode_changes(
+    slice: Option<pb::SparseSlice>,
+    parameter_count: u64,
+) -> Result<SparseSlice, ServerError> {
+    let slice = slice.ok_or(ServerError::MissingField("changes"))?;
+    if slice.dense {
+        if !slice.indices.is_empty() {
+            return Err(ServerError::MissingField(
+                "changes.indices (must be empty when dense)",
+            ));
+        }
+        let values = SparseSlice::decode_dense(&slice.values, parameter_count)?;
+        return Ok(SparseSlice {
+            indices: (0..parameter_count as u32).collect(),
+            values,
+        });
+    }
+    Ok(SparseSlice::decode(
+        &slice.indices,
+        &slice.values,
+        parameter_count,
+    )?)
+}
+
+fn to_proto_model(model: &ModelInfo) -> pb::ModelInfo {
+    pb::ModelInfo {
+        name: model.name.clone(),
+        parameter_count: model.parameter_count,
+        layout_hash: model.layout_hash.clone(),
+    }
+}
+
+fn to_proto_ordering(ordering: Ordering) -> pb::Ordering {
+    match ordering {
+        Ordering::Asynchronous => pb::Ordering::Asynchronous,
+        Ordering::RoundRobin => pb::Ordering::RoundRobin,
+        Ordering::RandomOrder => pb::Ordering::RandomOrder,
+    }
+}
+
+/// Logs a rejection once at warn with its reason, and converts it.
+fn reject(rpc: &'static str, participant: &str, error: ServerError) -> Status {
+    warn!(rpc, participant, reason = error.reason(), error = %error, "request rejected");
+    error.into()
+}
+
+#[tonic::async_trait]
+impl ParameterServer for Service {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let request = request.into_inner();
+        let participant = request.participant_id.clone();
+        let service = self.clone();
+        // Decoding and copying a large initial model is CPU work; keep it off
+        // the reactor threads.
+        let result = tokio::task::spawn_blocking(move || service.join(request))
+            .await
+            .map_err(|error| Status::internal(format!("join task failed: {error}")))?;
+        result
+            .map(Response::new)
+            .map_err(|error| reject("Join", &participant, error))
+    }
+
+    async fn download_parameters(
+        &self,
+        request: Request<pb::DownloadRequest>,
+    ) -> Result<Response<pb::DownloadResponse>, Status> {
+        let request = request.into_inner();
+        let participant = request.participant_id.clone();
+        let service = self.clone();
+        let result = tokio::task::spawn_blocking(move || service.download(request))
+            .await
+            .map_err(|error| Status::internal(format!("download task failed: {error}")))?;
+        result
+            .map(Response::new)
+            .map_err(|error| reject("DownloadParameters", &participant, error))
+    }
+
+    async fn upload_gradients(
+        &self,
+        request: Request<pb::UploadRequest>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        let request = request.into_inner();
+        let participant = request.participant_id.clone();
+        let service = self.clone();
+        let result = tokio::task::spawn_blocking(move || service.upload(request))
+            .await
+            .map_err(|error| Status::internal(format!("upload task failed: {error}")))?;
+        result
+            .map(Response::new)
+            .map_err(|error| reject("UploadGradients", &participant, error))
+    }
+
+    async fn acquire_turn(
+        &self,
+        request: Request<pb::TurnRequest>,
+    ) -> Result<Response<pb::TurnResponse>, Status> {
+        let participant = request.into_inner().participant_id;
+        self.check_registered(&participant)
+            .map_err(|error| reject("AcquireTurn", &participant, error))?;
+        let grant = self
+            .turns
+            .acquire(&participant, self.config.turn_wait)
+            .await
+            .map_err(|error| reject("AcquireTurn", &participant, error))?;
+        Ok(Response::new(match grant {
+            Some(grant) => pb::TurnResponse {
+                granted: true,
+                token: grant.token,
+                lease_ms: grant.lease.as_millis() as u64,
+            },
+            None => pb::TurnResponse {
+                granted: false,
+                token: String::new(),
+                lease_ms: 0,
+            },
+        }))
+    }
+
+    async fn renew_turn(
+        &self,
+        request: Request<pb::TurnLease>,
+    ) -> Result<Response<pb::TurnResponse>, Status> {
+        let lease = request.into_inner();
+        let grant = self
+            .turns
+            .renew(&lease.participant_id, &lease.token)
+            .map_err(|error| reject("RenewTurn", &lease.participant_id, error))?;
+        Ok(Response::new(pb::TurnResponse {
+            granted: true,
+            token: grant.token,
+            lease_ms: grant.lease.as_millis() as u64,
+        }))
+    }
+
+    async fn release_turn(
+        &self,
+        request: Request<pb::TurnLease>,
+    ) -> Result<Response<pb::ReleaseTurnResponse>, Status> {
+        let lease = request.into_inner();
+        self.turns
+            .release(&lease.participant_id, &lease.token)
+            .map_err(|error| reject("ReleaseTurn", &lease.participant_id, error))?;
+        debug!(participant = %lease.participant_id, "turn released");
+        Ok(Response::new(pb::ReleaseTurnResponse {}))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.status()))
+    }
+}

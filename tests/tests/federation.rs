@@ -1,0 +1,171 @@
+//! End-to-end: the real server binary and real participant processes train
+//! the MLP on a subset of real MNIST over gRPC on loopback.
+
+use std::path::{Path, PathBuf};
+
+use dssgd_tests::{ChildGuard, binary, mnist_dir, read_json, start_server};
+
+/// Three participants with 1% of MNIST each; gamma is larger than the
+/// 30-participant default because the global model then gets a tenth of
+/// the updates per round.
+const PARTICIPANTS: usize = 3;
+const EPOCHS: usize = 30;
+
+fn training_flags() -> Vec<String> {
+    [
+        ("--data-dir", mnist_dir().display().to_string()),
+        ("--model", "mlp".into()),
+        ("--participants", PARTICIPANTS.to_string()),
+        ("--shard-fraction", "0.01".into()),
+        ("--epochs", EPOCHS.to_string()),
+        ("--lr", "0.1".into()),
+        ("--eval-every", "10".into()),
+        ("--device", "cpu".into()),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_string(), value])
+    .collect()
+}
+
+fn participant(index: usize, server: &str, dir: &Path, extra: &[&str]) -> ChildGuard {
+    let mut args = vec!["collaborate".to_string()];
+    args.extend(training_flags());
+    args.extend(
+        [
+            "--gamma",
+            "0.002",
+            "--server",
+            server,
+            "--index",
+            &index.to_string(),
+            "--metrics",
+            &dir.join(format!("p{index}.json")).display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let log = dir.join(format!("p{index}.log"));
+    ChildGuard::spawn(
+        &format!("p{index}"),
+        &binary("dssgd-participant"),
+        &args,
+        &log,
+    )
+}
+
+fn run_tool(command: &str, dir: &Path, extra: &[String]) -> serde_json::Value {
+    let metrics = dir.join(format!("{command}.json"));
+    let mut args = vec![command.to_string()];
+    args.extend(training_flags());
+    args.extend(extra.iter().cloned());
+    args.extend(["--metrics".to_string(), metrics.display().to_string()]);
+    let log: PathBuf = dir.join(format!("{command}.log"));
+    let mut child = ChildGuard::spawn(command, &binary("dssgd-participant"), &args, &log);
+    assert!(child.wait(), "{command} failed; see {}", log.display());
+    read_json(&metrics)
+}
+
+#[test]
+fn collaboration_beats_standalone_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, address) = start_server(&["--model", "mlp"], &dir.path().join("server.log"));
+
+    let mut participants: Vec<ChildGuard> = (0..PARTICIPANTS)
+        .map(|i| participant(i, &address, dir.path(), &[]))
+        .collect();
+    for child in &mut participants {
+        let name = child.name.clone();
+        assert!(
+            child.wait(),
+            "{name} failed; see {}/{name}.log",
+            dir.path().display()
+        );
+    }
+    for index in 0..PARTICIPANTS {
+        let metrics = read_json(&dir.path().join(format!("p{index}.json")));
+        assert_eq!(
+            metrics["epochs"].as_array().unwrap().len(),
+            EPOCHS,
+            "p{index} epochs"
+        );
+        assert!(
+            metrics["bytes_sent"].as_u64().unwrap() > 0,
+            "p{index} sent nothing"
+        );
+        // theta_u = 0.1 of 109,386 parameters, every epoch.
+        assert_eq!(
+            metrics["parameters_sent"].as_u64().unwrap(),
+            10_939 * EPOCHS as u64
+        );
+    }
+
+    let global = run_tool(
+        "evaluate",
+        dir.path(),
+        &["--server".into(), address.clone()],
+    );
+    let standalone = run_tool("standalone", dir.path(), &[]);
+    let collaborative = global["accuracy"].as_f64().unwrap();
+    let standalone_mean = standalone["mean_accuracy"].as_f64().unwrap();
+    assert_eq!(
+        global["version"].as_u64().unwrap(),
+        (PARTICIPANTS * EPOCHS) as u64
+    );
+    assert!(
+        collaborative > standalone_mean,
+        "collaborative accuracy {collaborative} is not above the standalone mean {standalone_mean}"
+    );
+}
+
+#[test]
+fn dead_participant_does_not_stall_round_robin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, address) = start_server(
+        &[
+            "--model",
+            "mlp",
+            "--ordering",
+            "round-robin",
+            "--lease-seconds",
+            "2",
+        ],
+        &dir.path().join("server.log"),
+    );
+    let mut participants: Vec<ChildGuard> = (0..PARTICIPANTS)
+        .map(|i| participant(i, &address, dir.path(), &[]))
+        .collect();
+
+    // Kill one participant once the federation has made progress; it may
+    // hold the turn at that moment, which only its lease can end.
+    let status = dir.path().join("p2.log");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&status)
+        .unwrap_or_default()
+        .contains("epoch=3")
+    {
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "p2 never reached epoch 3"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    participants[2].kill();
+
+    for child in participants.iter_mut().take(2) {
+        let name = child.name.clone();
+        assert!(
+            child.wait(),
+            "{name} failed; see {}/{name}.log",
+            dir.path().display()
+        );
+    }
+    for index in 0..2 {
+        let metrics = read_json(&dir.path().join(format!("p{index}.json")));
+        assert_eq!(
+            metrics["epochs"].as_array().unwrap().len(),
+            EPOCHS,
+            "p{index} epochs"
+        );
+    }
+}
