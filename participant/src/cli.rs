@@ -309,14 +309,6 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("p{:03}", args.index));
     check_participant_id(&participant_id)?;
 
-    let (device, mnist) = training.prepare()?;
-    let shard = training.shard_plan(mnist.train.len()).shard(args.index);
-    let train = mnist.train.subset(&shard).to_device(device);
-    let test = mnist.test.to_device(device);
-    drop(mnist);
-    let (model, trainer) = training.fresh_model(device)?;
-    info!(participant = %participant_id, examples = train.len(), device = ?device, "shard loaded");
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -335,6 +327,14 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
             retry,
         )?
     };
+    let (device, mnist) = training.prepare()?;
+    let shard = training.shard_plan(mnist.train.len()).shard(args.index);
+    let train = mnist.train.subset(&shard).to_device(device);
+    let test = mnist.test.to_device(device);
+    drop(mnist);
+    let (model, trainer) = training.fresh_model(device)?;
+    info!(participant = %participant_id, examples = train.len(), device = ?device, "shard loaded");
+
     let config = CollaborativeConfig {
         epochs: training.epochs,
         theta_u: args.sharing.theta_u,

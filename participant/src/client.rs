@@ -39,13 +39,15 @@ impl Default for RetryPolicy {
 /// Failure of a call after retries, or a rejection by the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The server address is not a valid URI.
-    #[error("invalid server address {address:?}: {source}")]
+    /// The server address is not an `http://` or `https://` URI.
+    #[error(
+        "invalid server address {address:?}: {reason}; expected for example http://127.0.0.1:50051"
+    )]
     Address {
         /// The address given.
         address: String,
-        /// Parse error.
-        source: tonic::transport::Error,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The server answered with an error that retrying cannot fix.
     #[error("{rpc} rejected by the server ({code:?}): {message}")]
@@ -58,10 +60,14 @@ pub enum ClientError {
         message: String,
     },
     /// The server stayed unavailable for the whole retry period.
-    #[error("{rpc} failed after retrying for {seconds:.0} s: {last}")]
+    #[error(
+        "{rpc} to {address} failed after retrying for {seconds:.0} s: {last}; check that the server is running and reachable"
+    )]
     GaveUp {
         /// Name of the call.
         rpc: &'static str,
+        /// The server address.
+        address: String,
         /// Time spent retrying.
         seconds: f64,
         /// The last error.
@@ -101,6 +107,7 @@ pub struct Traffic {
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: ParameterServerClient<Channel>,
+    address: String,
     participant_id: String,
     retry: RetryPolicy,
     traffic: Traffic,
@@ -123,11 +130,15 @@ impl Client {
         max_message_bytes: usize,
         retry: RetryPolicy,
     ) -> Result<Self, ClientError> {
+        let invalid = |reason: String| ClientError::Address {
+            address: address.to_string(),
+            reason,
+        };
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(invalid("the scheme is missing".into()));
+        }
         let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|source| ClientError::Address {
-                address: address.to_string(),
-                source,
-            })?
+            .map_err(|error| invalid(error.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         let inner = ParameterServerClient::new(endpoint.connect_lazy())
@@ -135,6 +146,7 @@ impl Client {
             .max_encoding_message_size(max_message_bytes);
         Ok(Self {
             inner,
+            address: address.to_string(),
             participant_id: participant_id.to_string(),
             retry,
             traffic: Traffic::default(),
@@ -181,6 +193,7 @@ impl Client {
                     if elapsed >= self.retry.give_up_after {
                         return Err(ClientError::GaveUp {
                             rpc,
+                            address: self.address.clone(),
                             seconds: elapsed.as_secs_f64(),
                             last: status.message().to_string(),
                         });

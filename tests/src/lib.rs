@@ -110,7 +110,16 @@ impl Drop for ChildGuard {
 /// Starts `dssgd-server` on an ephemeral loopback port with `extra` flags;
 /// returns the guard and the `http://` address.
 pub fn start_server(extra: &[&str], log: &PathBuf) -> (ChildGuard, String) {
-    let mut args = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
+    start_server_with("127.0.0.1:0", extra, log)
+}
+
+/// Starts `dssgd-server` listening on `listen` (for example `127.0.0.1:7000`).
+pub fn start_server_at(listen: &str, log: &PathBuf) -> (ChildGuard, String) {
+    start_server_with(listen, &[], log)
+}
+
+fn start_server_with(listen: &str, extra: &[&str], log: &PathBuf) -> (ChildGuard, String) {
+    let mut args = vec!["--listen".to_string(), listen.to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut server = ChildGuard::spawn("server", &binary("dssgd-server"), &args, log);
     let line = server.first_line();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dssgd_tests::{ChildGuard, binary, mnist_dir, read_json, start_server};
+use dssgd_tests::{ChildGuard, binary, mnist_dir, read_json, start_server, start_server_at};
 
 /// Three participants with 1% of MNIST each; gamma is larger than the
 /// 30-participant default because the global model then gets a tenth of
@@ -11,13 +11,13 @@ use dssgd_tests::{ChildGuard, binary, mnist_dir, read_json, start_server};
 const PARTICIPANTS: usize = 3;
 const EPOCHS: usize = 30;
 
-fn training_flags() -> Vec<String> {
+fn training_flags(epochs: usize) -> Vec<String> {
     [
         ("--data-dir", mnist_dir().display().to_string()),
         ("--model", "mlp".into()),
         ("--participants", PARTICIPANTS.to_string()),
         ("--shard-fraction", "0.01".into()),
-        ("--epochs", EPOCHS.to_string()),
+        ("--epochs", epochs.to_string()),
         ("--lr", "0.1".into()),
         ("--eval-every", "10".into()),
         ("--device", "cpu".into()),
@@ -27,9 +27,9 @@ fn training_flags() -> Vec<String> {
     .collect()
 }
 
-fn participant(index: usize, server: &str, dir: &Path, extra: &[&str]) -> ChildGuard {
+fn participant(index: usize, server: &str, dir: &Path, epochs: usize) -> ChildGuard {
     let mut args = vec!["collaborate".to_string()];
-    args.extend(training_flags());
+    args.extend(training_flags(epochs));
     args.extend(
         [
             "--gamma",
@@ -44,7 +44,6 @@ fn participant(index: usize, server: &str, dir: &Path, extra: &[&str]) -> ChildG
         .iter()
         .map(|s| s.to_string()),
     );
-    args.extend(extra.iter().map(|s| s.to_string()));
     let log = dir.join(format!("p{index}.log"));
     ChildGuard::spawn(
         &format!("p{index}"),
@@ -57,7 +56,7 @@ fn participant(index: usize, server: &str, dir: &Path, extra: &[&str]) -> ChildG
 fn run_tool(command: &str, dir: &Path, extra: &[String]) -> serde_json::Value {
     let metrics = dir.join(format!("{command}.json"));
     let mut args = vec![command.to_string()];
-    args.extend(training_flags());
+    args.extend(training_flags(EPOCHS));
     args.extend(extra.iter().cloned());
     args.extend(["--metrics".to_string(), metrics.display().to_string()]);
     let log: PathBuf = dir.join(format!("{command}.log"));
@@ -72,7 +71,7 @@ fn collaboration_beats_standalone_mean() {
     let (_server, address) = start_server(&["--model", "mlp"], &dir.path().join("server.log"));
 
     let mut participants: Vec<ChildGuard> = (0..PARTICIPANTS)
-        .map(|i| participant(i, &address, dir.path(), &[]))
+        .map(|i| participant(i, &address, dir.path(), EPOCHS))
         .collect();
     for child in &mut participants {
         let name = child.name.clone();
@@ -133,7 +132,7 @@ fn dead_participant_does_not_stall_round_robin() {
         &dir.path().join("server.log"),
     );
     let mut participants: Vec<ChildGuard> = (0..PARTICIPANTS)
-        .map(|i| participant(i, &address, dir.path(), &[]))
+        .map(|i| participant(i, &address, dir.path(), EPOCHS))
         .collect();
 
     // Kill one participant once the federation has made progress; it may
@@ -168,4 +167,38 @@ fn dead_participant_does_not_stall_round_robin() {
             "p{index} epochs"
         );
     }
+}
+
+#[test]
+fn participant_waits_for_late_server() {
+    let dir = tempfile::tempdir().unwrap();
+    // Reserve a free port, then release it for the server started later.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("http://127.0.0.1:{port}");
+    let mut early = participant(0, &address, dir.path(), 3);
+
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        early.child.try_wait().unwrap().is_none(),
+        "participant gave up before the server started"
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let (_server, _) = start_server_at(&listen, &dir.path().join("server.log"));
+
+    assert!(
+        early.wait(),
+        "participant failed; see {}/p0.log",
+        dir.path().display()
+    );
+    let log = std::fs::read_to_string(dir.path().join("p0.log")).unwrap();
+    assert!(
+        log.contains("retrying"),
+        "the participant log shows no retry"
+    );
+    let metrics = read_json(&dir.path().join("p0.json"));
+    assert_eq!(metrics["epochs"].as_array().unwrap().len(), 3);
 }
