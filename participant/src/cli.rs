@@ -323,7 +323,7 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
         Client::new(
             &args.server,
             &participant_id,
-            dssgd_server_max_message(),
+            crate::client::DEFAULT_MAX_MESSAGE_BYTES,
             retry,
         )?
     };
@@ -366,12 +366,6 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The client's message-size limit before it can learn the server's: the
-/// server's default (64 MiB).
-fn dssgd_server_max_message() -> usize {
-    64 * 1024 * 1024
-}
-
 /// Downloads every global parameter from the server at `address` into a
 /// model of `training.model` and returns its test accuracy and the version
 /// it was read at.
@@ -389,7 +383,12 @@ pub fn evaluate_global(training: &TrainingArgs, address: &str) -> anyhow::Result
     };
     let mut client = {
         let _guard = runtime.enter();
-        Client::new(address, "evaluator", dssgd_server_max_message(), retry)?
+        Client::new(
+            address,
+            "evaluator",
+            crate::client::DEFAULT_MAX_MESSAGE_BYTES,
+            retry,
+        )?
     };
     let status = runtime.block_on(client.status())?;
     let served = status.model.unwrap_or_default();

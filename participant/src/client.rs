@@ -15,6 +15,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
 
+/// Largest gRPC message the client sends or accepts, in bytes: the server's
+/// default (64 MiB), which covers dense transfers of 16 million parameters.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// How long to keep retrying a call, and how fast.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {

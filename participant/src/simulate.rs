@@ -304,7 +304,7 @@ fn wait_with_progress(
         crate::client::Client::new(
             address,
             "simulate",
-            64 * 1024 * 1024,
+            crate::client::DEFAULT_MAX_MESSAGE_BYTES,
             crate::client::RetryPolicy {
                 give_up_after: Duration::from_secs(5),
                 ..Default::default()
