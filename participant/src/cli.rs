@@ -151,6 +151,12 @@ pub struct CollaborateArgs {
     /// Keep retrying an unreachable server for this many seconds per call.
     #[arg(long, env = "DSSGD_RETRY_SECONDS", default_value_t = 300.0)]
     pub retry_seconds: f64,
+
+    /// After collaborating, also train a fresh model on the same shard alone
+    /// with the same settings (the standalone baseline) and record its
+    /// accuracy in the metrics.
+    #[arg(long, env = "DSSGD_STANDALONE_BASELINE")]
+    pub standalone_baseline: bool,
 }
 
 /// What is shared and how.
@@ -353,6 +359,14 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
     };
     let mut metrics = run_collaborative(&runtime, &mut client, &mut participant, &config, |_| {})?;
     metrics.config = serde_json::to_value(args)?;
+    if args.standalone_baseline {
+        // Same shard, initial parameters and shuffle seed as the standalone
+        // subcommand, so both give the same result.
+        let seed = participant_seed(training.data_seed, args.index);
+        let name = participant_id.clone();
+        let alone = train_baseline(training, device, name, "standalone", &train, &test, seed)?;
+        metrics.standalone_accuracy = Some(alone.final_accuracy);
+    }
     if let Some(path) = &training.metrics {
         metrics
             .write(path)
@@ -363,6 +377,9 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
         metrics.final_accuracy,
         metrics.global_accuracy.unwrap_or(f64::NAN)
     );
+    if let Some(accuracy) = metrics.standalone_accuracy {
+        println!("{participant_id}: standalone accuracy {accuracy:.4}");
+    }
     Ok(())
 }
 
@@ -474,6 +491,7 @@ fn train_baseline(
         epochs,
         final_accuracy,
         global_accuracy: None,
+        standalone_accuracy: None,
         bytes_sent: 0,
         bytes_received: 0,
         parameters_sent: 0,

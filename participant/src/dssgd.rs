@@ -295,6 +295,7 @@ pub fn run_collaborative<R: Rng>(
         epochs,
         final_accuracy,
         global_accuracy: Some(global_accuracy),
+        standalone_accuracy: None,
         bytes_sent: traffic.bytes_sent,
         bytes_received: traffic.bytes_received,
         parameters_sent,

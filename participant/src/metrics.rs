@@ -40,6 +40,9 @@ pub struct RunMetrics {
     pub final_accuracy: f64,
     /// Test accuracy of the full global model at the end (collaborative).
     pub global_accuracy: Option<f64>,
+    /// Test accuracy of a model trained on the same shard alone with the
+    /// same settings, when the participant was asked to train one.
+    pub standalone_accuracy: Option<f64>,
     /// Bytes of requests sent to the server.
     pub bytes_sent: u64,
     /// Bytes of responses received from the server.

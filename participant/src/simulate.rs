@@ -246,6 +246,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
                 .display()
                 .to_string(),
         ]);
+        if !args.skip_baselines {
+            flags.push("--standalone-baseline".into());
+        }
         participants.push(spawn(
             &format!("p{index:03}"),
             &participant_bin,
@@ -255,15 +258,21 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
     }
     let mut baselines = Vec::new();
     if !args.skip_baselines {
-        for method in ["standalone", "centralized"] {
-            let mut flags = vec![method.to_string()];
-            flags.extend(training_flags(training));
-            flags.extend([
-                "--metrics".into(),
-                results.join(format!("{method}.json")).display().to_string(),
-            ]);
-            baselines.push(spawn(method, &participant_bin, &flags, &logs)?);
-        }
+        // The standalone baseline runs inside each participant process
+        // (--standalone-baseline), so its 30 trainings share the cores
+        // fairly instead of queueing in one process. The centralized model
+        // gets two threads for the time it runs alone at the end.
+        let central = TrainingArgs {
+            threads: training.threads.max(2),
+            ..training.clone()
+        };
+        let mut flags = vec!["centralized".to_string()];
+        flags.extend(training_flags(&central));
+        flags.extend([
+            "--metrics".into(),
+            results.join("centralized.json").display().to_string(),
+        ]);
+        baselines.push(spawn("centralized", &participant_bin, &flags, &logs)?);
     }
 
     wait_with_progress(args, &address, &mut participants, &mut baselines)?;
@@ -357,19 +366,22 @@ fn read_json(path: &Path) -> anyhow::Result<Value> {
 
 fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::Result<Summary> {
     let mut accuracies = Vec::new();
+    let mut standalone = Vec::new();
     let (mut bytes_sent, mut bytes_received) = (0, 0);
     for index in 0..args.training.participants {
         let metrics = read_json(&results.join(format!("p{index:03}.json")))?;
         accuracies.push(metrics["final_accuracy"].as_f64().unwrap_or(f64::NAN));
+        standalone.extend(metrics["standalone_accuracy"].as_f64());
         bytes_sent += metrics["bytes_sent"].as_u64().unwrap_or(0);
         bytes_received += metrics["bytes_received"].as_u64().unwrap_or(0);
     }
-    let baseline = |name: &str, field: &str| -> anyhow::Result<Option<f64>> {
-        if args.skip_baselines {
-            return Ok(None);
-        }
-        Ok(read_json(&results.join(format!("{name}.json")))?[field].as_f64())
+    let centralized = if args.skip_baselines {
+        None
+    } else {
+        read_json(&results.join("centralized.json"))?["final_accuracy"].as_f64()
     };
+    let standalone_mean =
+        (!standalone.is_empty()).then(|| standalone.iter().sum::<f64>() / standalone.len() as f64);
     Ok(Summary {
         model: args.training.model.name().to_string(),
         participants: args.training.participants,
@@ -379,8 +391,8 @@ fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::
         collaborative_max: accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         global_accuracy: f64::NAN,
         global_version: 0,
-        standalone_mean: baseline("standalone", "mean_accuracy")?,
-        centralized: baseline("centralized", "final_accuracy")?,
+        standalone_mean,
+        centralized,
         bytes_sent,
         bytes_received,
         wall_seconds: elapsed.as_secs_f64(),
