@@ -478,7 +478,7 @@ fn train_baseline(
         training.epochs,
         training.eval_every,
         |record| {
-            tracing::debug!(run = %name, epoch = record.epoch, loss = record.loss, "epoch done");
+            info!(run = %name, epoch = record.epoch, loss = record.loss, "epoch done");
         },
     )?;
     let final_accuracy = epochs.last().and_then(|r| r.accuracy).unwrap_or(f64::NAN);

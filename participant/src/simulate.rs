@@ -322,10 +322,10 @@ fn wait_with_progress(
     };
     let mut last_report = Instant::now();
     loop {
-        let mut running = 0;
+        let mut running = Vec::new();
         for child in participants.iter_mut().chain(baselines.iter_mut()) {
             match child.child.try_wait()? {
-                None => running += 1,
+                None => running.push(child.name.clone()),
                 Some(status) if status.success() => {}
                 Some(status) => {
                     bar.abandon();
@@ -340,17 +340,23 @@ fn wait_with_progress(
         if let Ok(status) = runtime.block_on(status_client.status()) {
             let uploads: u64 = status.participants.iter().map(|p| p.uploads).sum();
             bar.set_position(uploads);
-            bar.set_message(format!("version {}", status.version));
+            // Once the uploads are done, the rest is evaluation and baselines.
+            let waiting = if running.len() <= 3 {
+                format!(", running: {}", running.join(", "))
+            } else {
+                format!(", {} processes running", running.len())
+            };
+            bar.set_message(format!("version {}{waiting}", status.version));
             // Without a terminal the bar is hidden; print a line a minute.
             if bar.is_hidden() && last_report.elapsed() >= Duration::from_secs(60) {
                 eprintln!(
-                    "progress: {uploads}/{total} uploads, version {}",
+                    "progress: {uploads}/{total} uploads, version {}{waiting}",
                     status.version
                 );
                 last_report = Instant::now();
             }
         }
-        if running == 0 {
+        if running.is_empty() {
             bar.finish();
             return Ok(());
         }

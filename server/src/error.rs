@@ -20,6 +20,14 @@ pub enum ServerError {
     /// A required field is missing.
     #[error("missing field {0}")]
     MissingField(&'static str),
+    /// A field is present but its value is not allowed.
+    #[error("invalid {field}: {reason}")]
+    InvalidField {
+        /// Name of the field.
+        field: &'static str,
+        /// What is wrong with the value.
+        reason: String,
+    },
     /// The slice has more entries than the declared upload fraction allows.
     #[error(
         "upload has {entries} entries but theta_u {theta_u} allows at most {allowed} of {parameter_count}"
@@ -60,7 +68,9 @@ pub enum ServerError {
     #[error("the server holds no parameters yet: the first participant to join supplies them")]
     Uninitialized,
     /// The first joining participant sent no usable initial parameters.
-    #[error("the server holds no parameters yet and the join carries no initial parameters")]
+    #[error(
+        "the server holds no parameters yet and the join carries no dense initial parameters: the first participant must send all of them"
+    )]
     MissingInitialParameters,
     /// The participant's model differs from the served one.
     #[error("model mismatch: participant has {participant}, server serves {server}")]
@@ -103,6 +113,7 @@ impl ServerError {
             ServerError::Slice(SparseError::OutOfBound { .. }) => "out_of_bound",
             ServerError::Slice(_) => "malformed_slice",
             ServerError::MissingField(_) => "missing_field",
+            ServerError::InvalidField { .. } => "invalid_field",
             ServerError::TooManyEntries { .. } => "too_many_entries",
             ServerError::GammaTooLarge { .. } => "gamma_too_large",
             ServerError::ZeroUploadId => "zero_upload_id",
@@ -123,6 +134,7 @@ impl ServerError {
             ServerError::Config(_)
             | ServerError::Slice(_)
             | ServerError::MissingField(_)
+            | ServerError::InvalidField { .. }
             | ServerError::TooManyEntries { .. }
             | ServerError::GammaTooLarge { .. }
             | ServerError::ZeroUploadId

@@ -54,7 +54,10 @@ impl Service {
             });
         }
         if model.parameter_count == 0 {
-            return Err(ServerError::MissingField("model.parameter_count"));
+            return Err(ServerError::InvalidField {
+                field: "model.parameter_count",
+                reason: "0 parameters; expected at least 1".into(),
+            });
         }
         let initial = match (self.store.model(), request.initial_parameters) {
             (None, Some(slice)) if slice.dense => Some(SparseSlice::decode_dense(
@@ -206,9 +209,13 @@ fn decode_changes(
     let slice = slice.ok_or(ServerError::MissingField("changes"))?;
     if slice.dense {
         if !slice.indices.is_empty() {
-            return Err(ServerError::MissingField(
-                "changes.indices (must be empty when dense)",
-            ));
+            return Err(ServerError::InvalidField {
+                field: "changes.indices",
+                reason: format!(
+                    "{} bytes of indices in a dense slice, which has none",
+                    slice.indices.len()
+                ),
+            });
         }
         let values = SparseSlice::decode_dense(&slice.values, parameter_count)?;
         return Ok(SparseSlice {

@@ -179,9 +179,9 @@ impl Turns {
         };
         let reason = match &state.holder {
             Some(holder) if holder.participant == participant && holder.token == token => None,
-            Some(holder) if holder.participant == participant => {
-                Some("the token belongs to an earlier, expired turn")
-            }
+            Some(holder) if holder.participant == participant => Some(
+                "the token does not match the granted turn (it may be from an earlier, expired turn)",
+            ),
             Some(_) => Some("another participant holds it"),
             None => Some("no turn is granted (it may have expired)"),
         };
