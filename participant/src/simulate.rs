@@ -7,6 +7,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -15,6 +17,7 @@ use dssgd_common::config::{Ordering, check_positive};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::cli::{SharingArgs, TrainingArgs, parse_ordering};
 use crate::data::ensure_mnist;
@@ -320,8 +323,19 @@ fn wait_with_progress(
             },
         )?
     };
+    // SIGINT or SIGTERM sets this flag; the loop then returns an error, and
+    // dropping the process guards stops every child, the server included.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("failed to install the signal handler")?;
+    }
     let mut last_report = Instant::now();
     loop {
+        if stop.load(AtomicOrdering::Relaxed) {
+            bar.abandon();
+            bail!("interrupted; stopped the server and every participant");
+        }
         let mut running = Vec::new();
         for child in participants.iter_mut().chain(baselines.iter_mut()) {
             match child.child.try_wait()? {
