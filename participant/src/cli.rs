@@ -26,6 +26,9 @@ use crate::metrics::{RunMetrics, write_json};
 use crate::model::{Model, ModelKind};
 use crate::train::{LocalTrainer, SgdConfig};
 
+/// Largest accepted `--threads`.
+const MAX_THREADS: usize = 1024;
+
 /// DSSGD participant: trains on a private shard of MNIST with libtorch and
 /// shares selected, bounded parameter changes with a parameter server.
 #[derive(Debug, Parser)]
@@ -233,8 +236,13 @@ impl TrainingArgs {
                 self.momentum
             );
         }
-        if self.threads == 0 {
-            bail!("invalid threads 0: expected at least 1");
+        // libtorch starts one worker per thread; tens of thousands overflow
+        // the stack, so the count is capped well above any real core count.
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            bail!(
+                "invalid threads {}: expected 1 to {MAX_THREADS}",
+                self.threads
+            );
         }
         Ok(())
     }
@@ -408,7 +416,9 @@ pub fn evaluate_global(training: &TrainingArgs, address: &str) -> anyhow::Result
         )?
     };
     let status = runtime.block_on(client.status())?;
-    let served = status.model.unwrap_or_default();
+    let Some(served) = status.model else {
+        bail!("the server at {address} holds no model yet: no participant has joined it");
+    };
     let local = crate::dssgd::model_info(&model);
     if served != local {
         bail!(

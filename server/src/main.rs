@@ -58,6 +58,12 @@ fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
     if let Some(max_gamma) = args.max_gamma {
         check_positive("max-gamma", max_gamma)?;
     }
+    if let Some(model) = &args.model {
+        anyhow::ensure!(
+            matches!(model.as_str(), "mlp" | "cnn"),
+            "invalid model {model:?}: expected mlp or cnn"
+        );
+    }
     anyhow::ensure!(
         args.max_message_bytes >= 1024,
         "invalid max-message-bytes {}: expected at least 1024",
