@@ -247,7 +247,7 @@ impl TrainingArgs {
         Ok(())
     }
 
-    /// The SGD settings.
+    /// Returns the SGD settings.
     pub fn sgd(&self) -> SgdConfig {
         SgdConfig {
             learning_rate: self.learning_rate,
@@ -257,7 +257,7 @@ impl TrainingArgs {
         }
     }
 
-    /// The split of the training set among participants.
+    /// Returns the split of the training set among participants.
     pub fn shard_plan(&self, dataset_len: usize) -> ShardPlan {
         ShardPlan {
             dataset_len,
@@ -278,7 +278,7 @@ impl TrainingArgs {
         Ok((device, mnist))
     }
 
-    /// A fresh model with the shared initial parameters and its optimizer.
+    /// Builds a fresh model with the shared initial parameters, and its optimizer.
     fn fresh_model(&self, device: tch::Device) -> anyhow::Result<(Model, LocalTrainer)> {
         let model = Model::new(self.model, device, self.init_seed);
         let trainer = LocalTrainer::new(&model, self.sgd())?;
@@ -417,7 +417,7 @@ pub fn evaluate_global(training: &TrainingArgs, address: &str) -> anyhow::Result
     };
     let status = runtime.block_on(client.status())?;
     let Some(served) = status.model else {
-        bail!("the server at {address} holds no model yet: no participant has joined it");
+        bail!("the server at {address} has no model yet because no participant has joined it");
     };
     let local = crate::dssgd::model_info(&model);
     if served != local {
@@ -599,7 +599,7 @@ pub fn centralized(args: &BaselineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The ordering names accepted on the command line, parsed by clap.
+/// Parses an ordering name from the command line.
 pub fn parse_ordering(text: &str) -> Result<Ordering, String> {
     text.parse()
         .map_err(|error: dssgd_common::config::ConfigError| error.to_string())

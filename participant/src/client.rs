@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub struct RetryPolicy {
     /// First wait after a failure.
     pub initial_backoff: Duration,
-    /// Longest wait between two attempts.
+    /// Maximum wait between two attempts.
     pub max_backoff: Duration,
     /// Give up once this much time has passed since the first attempt.
     pub give_up_after: Duration,
@@ -53,7 +53,7 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The server answered with an error that retrying cannot fix.
+    /// The server returned an error that retrying cannot fix.
     #[error("{rpc} rejected by the server ({code:?}): {message}")]
     Rejected {
         /// Name of the call.
@@ -157,12 +157,12 @@ impl Client {
         })
     }
 
-    /// The bytes sent and received so far.
+    /// Returns the bytes sent and received so far.
     pub fn traffic(&self) -> Traffic {
         self.traffic
     }
 
-    /// The participant this client speaks for.
+    /// Returns the participant this client acts for.
     pub fn participant_id(&self) -> &str {
         &self.participant_id
     }

@@ -150,7 +150,7 @@ fn hold_turn(runtime: &Runtime, client: &mut Client) -> Result<HeldTurn, ClientE
 }
 
 /// Runs the collaborative loop against the server behind `client` and
-/// returns the participant's metrics. `on_epoch` sees each finished epoch.
+/// returns the participant's metrics. `on_epoch` is called with each finished epoch.
 pub fn run_collaborative<R: Rng>(
     runtime: &Runtime,
     client: &mut Client,

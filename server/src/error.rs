@@ -128,7 +128,7 @@ impl ServerError {
         }
     }
 
-    /// The gRPC status code for this error.
+    /// Returns the gRPC status code for this error.
     pub fn code(&self) -> Code {
         match self {
             ServerError::Config(_)

@@ -47,7 +47,7 @@ pub struct ServerConfig {
     /// Lease of a turn in the ordered modes; a holder that neither renews
     /// nor releases within it loses the turn.
     pub lease: Duration,
-    /// Longest time one AcquireTurn call waits before returning ungranted.
+    /// Maximum time one AcquireTurn call waits before returning ungranted.
     pub turn_wait: Duration,
     /// Largest request or response, in bytes.
     pub max_message_bytes: usize,

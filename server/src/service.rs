@@ -246,6 +246,26 @@ fn to_proto_ordering(ordering: Ordering) -> pb::Ordering {
     }
 }
 
+/// Runs one request's handler on the blocking pool, because decoding,
+/// validating and copying a large slice is CPU work that would stall the
+/// reactor threads, and converts its rejection into a logged status.
+async fn off_reactor<T, F>(
+    rpc: &'static str,
+    participant: String,
+    handler: F,
+) -> Result<Response<T>, Status>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ServerError> + Send + 'static,
+{
+    let result = tokio::task::spawn_blocking(handler)
+        .await
+        .map_err(|error| Status::internal(format!("{rpc} task failed: {error}")))?;
+    result
+        .map(Response::new)
+        .map_err(|error| reject(rpc, &participant, error))
+}
+
 /// Logs a rejection once at warn with its reason, and converts it.
 fn reject(rpc: &'static str, participant: &str, error: ServerError) -> Status {
     warn!(rpc, participant, reason = error.reason(), error = %error, "request rejected");
@@ -261,14 +281,7 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        // Decoding and copying a large initial model is CPU work; keep it off
-        // the reactor threads.
-        let result = tokio::task::spawn_blocking(move || service.join(request))
-            .await
-            .map_err(|error| Status::internal(format!("join task failed: {error}")))?;
-        result
-            .map(Response::new)
-            .map_err(|error| reject("Join", &participant, error))
+        off_reactor("Join", participant, move || service.join(request)).await
     }
 
     async fn download_parameters(
@@ -278,12 +291,10 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        let result = tokio::task::spawn_blocking(move || service.download(request))
-            .await
-            .map_err(|error| Status::internal(format!("download task failed: {error}")))?;
-        result
-            .map(Response::new)
-            .map_err(|error| reject("DownloadParameters", &participant, error))
+        off_reactor("DownloadParameters", participant, move || {
+            service.download(request)
+        })
+        .await
     }
 
     async fn upload_gradients(
@@ -293,12 +304,10 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        let result = tokio::task::spawn_blocking(move || service.upload(request))
-            .await
-            .map_err(|error| Status::internal(format!("upload task failed: {error}")))?;
-        result
-            .map(Response::new)
-            .map_err(|error| reject("UploadGradients", &participant, error))
+        off_reactor("UploadGradients", participant, move || {
+            service.upload(request)
+        })
+        .await
     }
 
     async fn acquire_turn(

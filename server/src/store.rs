@@ -155,7 +155,7 @@ impl Store {
         Ok((record, inner.version, initialized))
     }
 
-    /// Whether `participant` has joined.
+    /// Returns whether `participant` has joined.
     pub fn is_registered(&self, participant: &str) -> bool {
         self.inner.read().participants.contains_key(participant)
     }
@@ -250,12 +250,12 @@ impl Store {
         )
     }
 
-    /// A copy of the update counters.
+    /// Returns a copy of the update counters.
     pub fn counters(&self) -> Vec<u64> {
         self.inner.read().counters.clone()
     }
 
-    /// A consistent summary of the state.
+    /// Returns a consistent summary of the state.
     pub fn status(&self) -> StoreStatus {
         let inner = self.inner.read();
         StoreStatus {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Longest time any one child process of a test may run. A hang fails the
+/// Maximum time any one child process of a test may run. A hang fails the
 /// test with the child's name instead of blocking CI.
 pub const CHILD_TIMEOUT: Duration = Duration::from_secs(600);
 
