@@ -7,10 +7,13 @@
 //!   values, random with threshold, top counters) and bounding to gamma.
 //! - [`shard`]: the deterministic split of a training set among participants.
 //! - [`config`]: orderings, fractions and other validated settings.
+//! - [`privacy`]: the differentially private upload (exact discrete Laplace
+//!   noise and the sparse vector technique).
 
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod privacy;
 pub mod select;
 pub mod shard;
 pub mod sparse;

@@ -21,8 +21,11 @@ use tracing::info;
 use crate::client::{Client, RetryPolicy};
 use crate::data::{Dataset, Mnist, ensure_mnist, load_mnist};
 use crate::device::{DeviceChoice, resolve_device};
-use crate::dssgd::{CollaborativeConfig, Participant, Selection, run_collaborative, train_alone};
-use crate::metrics::{RunMetrics, write_json};
+use crate::dssgd::{
+    CollaborativeConfig, Epsilon, Participant, PrivacyConfig, Selection, run_collaborative,
+    train_alone,
+};
+use crate::metrics::{RunMetrics, significant, write_json};
 use crate::model::{Model, ModelKind};
 use crate::train::{LocalTrainer, SgdConfig};
 
@@ -185,9 +188,35 @@ pub struct SharingArgs {
     #[arg(long, env = "DSSGD_TAU", default_value_t = 0.0001)]
     pub tau: f64,
 
-    /// Rule that picks the changes to upload.
-    #[arg(long, env = "DSSGD_SELECTION", value_enum, default_value = "largest")]
-    pub selection: Selection,
+    /// Rule that picks the changes to upload without noise (default:
+    /// largest). With --epsilon or --epsilon-per-parameter the sparse vector
+    /// technique selects instead; it is the noisy form of `threshold`, and
+    /// `largest` is refused there.
+    #[arg(long, env = "DSSGD_SELECTION", value_enum)]
+    pub selection: Option<Selection>,
+
+    /// Make every upload differentially private with this epsilon per
+    /// upload (per local epoch), by the sparse vector technique with exact
+    /// discrete Laplace noise. The unit of privacy is this participant's
+    /// whole shard; T uploads spend T times this much.
+    #[arg(long, env = "DSSGD_EPSILON", conflicts_with = "epsilon_per_parameter")]
+    pub epsilon: Option<f64>,
+
+    /// Like --epsilon, given per released parameter as Shokri and Shmatikov
+    /// report it: each upload spends this times c = ceil(theta_u * n).
+    #[arg(long, env = "DSSGD_EPSILON_PER_PARAMETER")]
+    pub epsilon_per_parameter: Option<f64>,
+
+    /// Total epsilon this participant may spend, over every run recorded in
+    /// its privacy ledger. Training stops before the upload that would pass
+    /// it. Without it the spend is recorded but not limited.
+    #[arg(long, env = "DSSGD_PRIVACY_BUDGET")]
+    pub privacy_budget: Option<f64>,
+
+    /// Privacy ledger file: one line per private upload, kept across runs
+    /// (default: <participant id>.privacy.jsonl in the current folder).
+    #[arg(long, env = "DSSGD_PRIVACY_LEDGER")]
+    pub privacy_ledger: Option<PathBuf>,
 }
 
 /// Settings of an evaluation of the global model.
@@ -293,7 +322,52 @@ impl SharingArgs {
         check_unit_closed("theta-d", self.theta_d)?;
         check_positive("gamma", self.gamma)?;
         check_non_negative("tau", self.tau)?;
+        if let Some(epsilon) = self.epsilon {
+            check_positive("epsilon", epsilon)?;
+        }
+        if let Some(epsilon) = self.epsilon_per_parameter {
+            check_positive("epsilon-per-parameter", epsilon)?;
+        }
+        let private = self.epsilon.is_some() || self.epsilon_per_parameter.is_some();
+        if let Some(budget) = self.privacy_budget {
+            check_positive("privacy-budget", budget)?;
+            if !private {
+                bail!(
+                    "--privacy-budget {budget} needs a private upload: add --epsilon or \
+                     --epsilon-per-parameter"
+                );
+            }
+        }
+        if private && self.selection == Some(Selection::Largest) {
+            bail!(
+                "--selection largest cannot be made private: picking the largest changes reads \
+                 them without noise; drop --selection (the private upload uses the sparse vector \
+                 technique, a noisy threshold rule)"
+            );
+        }
         Ok(())
+    }
+
+    /// The selection rule of an upload without noise.
+    pub fn selection(&self) -> Selection {
+        self.selection.unwrap_or(Selection::Largest)
+    }
+
+    /// The private upload's settings, if the upload is private.
+    pub fn privacy(&self, participant_id: &str) -> Option<PrivacyConfig> {
+        let epsilon = match (self.epsilon, self.epsilon_per_parameter) {
+            (Some(epsilon), _) => Epsilon::PerEpoch(epsilon),
+            (None, Some(per_parameter)) => Epsilon::PerParameter(per_parameter),
+            (None, None) => return None,
+        };
+        Some(PrivacyConfig {
+            epsilon,
+            budget: self.privacy_budget,
+            ledger: self
+                .privacy_ledger
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{participant_id}.privacy.jsonl"))),
+        })
     }
 }
 
@@ -355,8 +429,9 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
         theta_d: args.sharing.theta_d,
         gamma: args.sharing.gamma,
         tau: args.sharing.tau,
-        selection: args.sharing.selection,
+        selection: args.sharing.selection(),
         eval_every: training.eval_every,
+        privacy: args.sharing.privacy(&participant_id),
     };
     let mut participant = Participant {
         model,
@@ -385,6 +460,22 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
         metrics.final_accuracy,
         metrics.global_accuracy.unwrap_or(f64::NAN)
     );
+    if let Some(privacy) = &metrics.privacy {
+        println!(
+            "{participant_id}: privacy spent: epsilon {} per upload (epsilon/c {} with c = {}), \
+             {} this run over {} uploads, {} in total in {}",
+            significant(privacy.epsilon_per_epoch, 6),
+            significant(privacy.epsilon_per_parameter, 6),
+            privacy.c,
+            significant(privacy.run_epsilon, 6),
+            privacy.private_uploads,
+            significant(privacy.total_epsilon, 6),
+            privacy.ledger
+        );
+    }
+    if let Some(reason) = &metrics.stopped_early {
+        println!("{participant_id}: stopped early: {reason}");
+    }
     if let Some(accuracy) = metrics.standalone_accuracy {
         println!("{participant_id}: standalone accuracy {accuracy:.4}");
     }
@@ -507,6 +598,8 @@ fn train_baseline(
         parameters_sent: 0,
         parameters_received: 0,
         wall_seconds: started.elapsed().as_secs_f64(),
+        privacy: None,
+        stopped_early: None,
         config: serde_json::Value::Null,
     })
 }

@@ -4,7 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use std::path::PathBuf;
+
 use dssgd_common::config::Ordering;
+use dssgd_common::privacy::{DiscreteLaplace, PrivacyError, PrivateUpload};
 use dssgd_common::select::{fraction_count, gather_bounded, select_largest, select_threshold};
 use dssgd_common::sparse;
 use dssgd_proto::v1 as pb;
@@ -16,7 +19,8 @@ use tracing::{info, warn};
 
 use crate::client::{Client, ClientError};
 use crate::data::Dataset;
-use crate::metrics::{EpochRecord, RunMetrics};
+use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::{EpochRecord, PrivacySummary, RunMetrics};
 use crate::model::Model;
 use crate::train::{LocalTrainer, TrainError, evaluate};
 
@@ -53,6 +57,40 @@ pub struct CollaborativeConfig {
     pub selection: Selection,
     /// Evaluate test accuracy every this many epochs (and after the last).
     pub eval_every: usize,
+    /// Differentially private upload; `None` uploads without noise.
+    pub privacy: Option<PrivacyConfig>,
+}
+
+/// How much privacy each upload spends.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Epsilon {
+    /// `epsilon` per upload (per local epoch).
+    PerEpoch(f64),
+    /// `epsilon / c` per upload, the per-parameter unit of Shokri and
+    /// Shmatikov: each upload spends this times `c`.
+    PerParameter(f64),
+}
+
+impl Epsilon {
+    /// The spend of one upload releasing at most `c` parameters.
+    pub fn per_epoch(self, c: usize) -> f64 {
+        match self {
+            Epsilon::PerEpoch(epsilon) => epsilon,
+            Epsilon::PerParameter(per_parameter) => per_parameter * c as f64,
+        }
+    }
+}
+
+/// Settings of the differentially private upload.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacyConfig {
+    /// Spend of each upload.
+    pub epsilon: Epsilon,
+    /// Total spend allowed over every run recorded in the ledger.
+    pub budget: Option<f64>,
+    /// The ledger file.
+    pub ledger: PathBuf,
 }
 
 /// Errors that end a collaborative run.
@@ -75,6 +113,12 @@ pub enum DssgdError {
     /// A downloaded slice does not fit the local model.
     #[error("downloaded parameters do not fit the local model: {0}")]
     Download(String),
+    /// The privacy ledger failed or refused the spend.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The private upload's settings are invalid or its noise failed.
+    #[error("private upload: {0}")]
+    Privacy(#[from] PrivacyError),
     /// The parameter change contains NaN or infinity.
     #[error(
         "local training produced a non-finite change at parameter {index}; lower the learning rate"
@@ -189,8 +233,25 @@ pub fn run_collaborative<R: Rng>(
     let first_upload_id = joined.last_upload_id + 1;
     let mut epochs = Vec::with_capacity(config.epochs);
     let (mut parameters_sent, mut parameters_received) = (0u64, 0u64);
+    let mut private = match &config.privacy {
+        Some(privacy) => Some(PrivateState::start(
+            privacy,
+            client.participant_id(),
+            config,
+            c,
+        )?),
+        None => None,
+    };
+    let mut stopped_early = None;
 
     for epoch in 1..=config.epochs {
+        if let Some(state) = &private
+            && let Err(refused) = state.ledger.check(state.upload.epsilon)
+        {
+            warn!(participant = %client.participant_id(), epoch, "{refused}; stopping");
+            stopped_early = Some(refused.to_string());
+            break;
+        }
         let epoch_started = Instant::now();
         let turn = if ordering.uses_turns() {
             Some(hold_turn(runtime, client)?)
@@ -214,16 +275,34 @@ pub fn run_collaborative<R: Rng>(
             return Err(DssgdError::NonFiniteChange { index });
         }
 
-        let indices = match config.selection {
-            Selection::Largest => select_largest(&delta, c),
-            Selection::Threshold => {
-                select_threshold(&delta, c, config.tau as f32, &mut participant.rng)
+        let upload_id = first_upload_id + (epoch as u64 - 1);
+        let (indices, values, spent) = match &mut private {
+            Some(state) => {
+                let privacy_started = Instant::now();
+                let release = state.upload.release(&delta, &mut state.noise)?;
+                // The spend is on disk before the release leaves the process.
+                let total = state
+                    .ledger
+                    .record(upload_id, epoch, state.upload.epsilon, c)?;
+                state.run_epsilon += state.upload.epsilon;
+                state.uploads += 1;
+                let seconds = privacy_started.elapsed().as_secs_f64();
+                (release.indices, release.values, Some((total, seconds)))
+            }
+            None => {
+                let indices = match config.selection {
+                    Selection::Largest => select_largest(&delta, c),
+                    Selection::Threshold => {
+                        select_threshold(&delta, c, config.tau as f32, &mut participant.rng)
+                    }
+                };
+                let values = gather_bounded(&delta, &indices, config.gamma as f32);
+                (indices, values, None)
             }
         };
-        let values = gather_bounded(&delta, &indices, config.gamma as f32);
         let request = pb::UploadRequest {
             participant_id: client.participant_id().to_string(),
-            upload_id: first_upload_id + (epoch as u64 - 1),
+            upload_id,
             base_version: downloaded.version,
             layout_hash: local.layout_hash.clone(),
             gamma: config.gamma,
@@ -234,6 +313,7 @@ pub fn run_collaborative<R: Rng>(
                 dense: false,
             }),
             turn_token: turn.as_ref().map(|t| t.token.clone()).unwrap_or_default(),
+            epsilon: private.as_ref().map_or(0.0, |state| state.upload.epsilon),
         };
         let uploaded = runtime.block_on(client.upload(request))?;
         parameters_sent += indices.len() as u64;
@@ -254,6 +334,9 @@ pub fn run_collaborative<R: Rng>(
             parameters_downloaded: received,
             parameters_uploaded: indices.len(),
             seconds: epoch_started.elapsed().as_secs_f64(),
+            epsilon: private.as_ref().map(|state| state.upload.epsilon),
+            epsilon_total: spent.map(|(total, _)| total),
+            privacy_seconds: spent.map(|(_, seconds)| seconds),
         };
         info!(
             participant = %client.participant_id(),
@@ -262,6 +345,8 @@ pub fn run_collaborative<R: Rng>(
             loss,
             accuracy = accuracy.unwrap_or(f64::NAN),
             uploaded = indices.len(),
+            epsilon = record.epsilon.unwrap_or(0.0),
+            epsilon_total = record.epsilon_total.unwrap_or(0.0),
             "epoch done"
         );
         on_epoch(&record);
@@ -301,8 +386,72 @@ pub fn run_collaborative<R: Rng>(
         parameters_sent,
         parameters_received,
         wall_seconds: started.elapsed().as_secs_f64(),
+        privacy: private.map(|state| state.summary()),
+        stopped_early,
         config: serde_json::to_value(config).unwrap_or_default(),
     })
+}
+
+/// The private upload's state during a run.
+struct PrivateState {
+    upload: PrivateUpload,
+    noise: DiscreteLaplace,
+    ledger: Ledger,
+    run_epsilon: f64,
+    uploads: usize,
+}
+
+impl PrivateState {
+    /// Opens the ledger, checks the settings and seeds the noise.
+    fn start(
+        privacy: &PrivacyConfig,
+        participant: &str,
+        config: &CollaborativeConfig,
+        c: usize,
+    ) -> Result<Self, DssgdError> {
+        let upload = PrivateUpload {
+            epsilon: privacy.epsilon.per_epoch(c),
+            c,
+            gamma: config.gamma,
+            tau: config.tau,
+        };
+        let scales = upload.scales()?;
+        let noise = DiscreteLaplace::from_os_entropy().map_err(PrivacyError::from)?;
+        let ledger = Ledger::open(&privacy.ledger, participant, privacy.budget)?;
+        info!(
+            participant,
+            epsilon_per_epoch = upload.epsilon,
+            epsilon_per_parameter = upload.epsilon / c as f64,
+            c,
+            epsilon_for_this_run = upload.epsilon * config.epochs as f64,
+            already_spent = ledger.total(),
+            budget = privacy.budget.unwrap_or(f64::INFINITY),
+            ledger = %ledger.path().display(),
+            threshold_noise_steps = scales.threshold,
+            release_noise_steps = scales.release,
+            "differentially private upload"
+        );
+        Ok(Self {
+            upload,
+            noise,
+            ledger,
+            run_epsilon: 0.0,
+            uploads: 0,
+        })
+    }
+
+    fn summary(&self) -> PrivacySummary {
+        PrivacySummary {
+            epsilon_per_epoch: self.upload.epsilon,
+            c: self.upload.c,
+            epsilon_per_parameter: self.upload.epsilon / self.upload.c as f64,
+            run_epsilon: self.run_epsilon,
+            total_epsilon: self.ledger.total(),
+            budget: self.ledger.budget(),
+            private_uploads: self.uploads,
+            ledger: self.ledger.path().display().to_string(),
+        }
+    }
 }
 
 /// Writes downloaded values into the local model; returns how many.
@@ -345,6 +494,9 @@ pub fn train_alone<R: Rng>(
             parameters_downloaded: 0,
             parameters_uploaded: 0,
             seconds: started.elapsed().as_secs_f64(),
+            epsilon: None,
+            epsilon_total: None,
+            privacy_seconds: None,
         };
         on_epoch(&record);
         records.push(record);

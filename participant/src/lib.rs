@@ -8,6 +8,7 @@
 //! - [`device`]: CPU or CUDA choice.
 //! - [`client`]: the gRPC client with retries.
 //! - [`dssgd`]: the collaborative loop and the baselines' training loop.
+//! - [`ledger`]: the privacy ledger on disk and the budget check.
 //! - [`metrics`]: the JSON record of a run.
 //! - [`cli`]: the command-line interface, including the local simulation.
 
@@ -16,6 +17,7 @@ pub mod client;
 pub mod data;
 pub mod device;
 pub mod dssgd;
+pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod simulate;

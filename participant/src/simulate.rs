@@ -21,6 +21,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::cli::{SharingArgs, TrainingArgs, parse_ordering};
 use crate::data::ensure_mnist;
+use crate::metrics::significant;
 
 /// Settings of a local simulation.
 #[derive(Clone, Debug, Args, Serialize)]
@@ -89,8 +90,33 @@ pub struct Summary {
     pub bytes_received: u64,
     /// Wall time of the whole simulation, in seconds.
     pub wall_seconds: f64,
+    /// Privacy spend of a private run.
+    pub privacy: Option<PrivacyTotals>,
+    /// Participants that stopped before their last epoch, with the reason.
+    pub stopped_early: Vec<String>,
     /// Every setting of the run.
     pub config: SimulateArgs,
+}
+
+/// Privacy spend over the simulated federation.
+#[derive(Debug, Default, Serialize)]
+pub struct PrivacyTotals {
+    /// Spend of one upload.
+    pub epsilon_per_epoch: f64,
+    /// Most parameters released per upload.
+    pub c: usize,
+    /// `epsilon / c`, the per-parameter figure Shokri and Shmatikov report.
+    pub epsilon_per_parameter: f64,
+    /// Largest spend of one participant in this run (basic composition).
+    pub run_epsilon_max: f64,
+    /// Largest total in a participant's ledger (earlier runs included).
+    pub ledger_epsilon_max: f64,
+    /// Largest total the server recorded for one participant.
+    pub server_epsilon_max: f64,
+    /// Private uploads the participants made.
+    pub private_uploads: u64,
+    /// Private uploads the server applied.
+    pub server_private_uploads: u64,
 }
 
 /// A child process killed when dropped, so an early error leaves no
@@ -150,14 +176,24 @@ fn training_flags(training: &TrainingArgs) -> Vec<String> {
 }
 
 fn sharing_flags(sharing: &SharingArgs) -> Vec<String> {
-    let selection = format!("{:?}", sharing.selection).to_lowercase();
-    let pairs = [
+    let mut pairs = vec![
         ("--theta-u", sharing.theta_u.to_string()),
         ("--theta-d", sharing.theta_d.to_string()),
         ("--gamma", sharing.gamma.to_string()),
         ("--tau", sharing.tau.to_string()),
-        ("--selection", selection),
     ];
+    if let Some(selection) = sharing.selection {
+        pairs.push(("--selection", format!("{selection:?}").to_lowercase()));
+    }
+    if let Some(epsilon) = sharing.epsilon {
+        pairs.push(("--epsilon", epsilon.to_string()));
+    }
+    if let Some(epsilon) = sharing.epsilon_per_parameter {
+        pairs.push(("--epsilon-per-parameter", epsilon.to_string()));
+    }
+    if let Some(budget) = sharing.privacy_budget {
+        pairs.push(("--privacy-budget", budget.to_string()));
+    }
     pairs
         .into_iter()
         .flat_map(|(flag, value)| [flag.to_string(), value])
@@ -230,6 +266,21 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
     crate::metrics::write_json(&args.output.join("config.json"), args)?;
     let participant_bin = std::env::current_exe()?;
 
+    let private = args.sharing.epsilon.is_some() || args.sharing.epsilon_per_parameter.is_some();
+    if let Some(path) = &args.sharing.privacy_ledger {
+        bail!(
+            "--privacy-ledger {} cannot be shared by simulated participants: simulate keeps one \
+             ledger per participant in {}; drop the option",
+            path.display(),
+            args.output.join("privacy").display()
+        );
+    }
+    let ledgers = args.output.join("privacy");
+    if private {
+        std::fs::create_dir_all(&ledgers)
+            .with_context(|| format!("failed to create {}", ledgers.display()))?;
+    }
+
     let (server, address) = start_server(args, &logs)?;
     eprintln!("parameter server at {address}; logs in {}", logs.display());
 
@@ -249,6 +300,15 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
                 .display()
                 .to_string(),
         ]);
+        if private {
+            flags.extend([
+                "--privacy-ledger".into(),
+                ledgers
+                    .join(format!("p{index:03}.jsonl"))
+                    .display()
+                    .to_string(),
+            ]);
+        }
         if !args.skip_baselines {
             flags.push("--standalone-baseline".into());
         }
@@ -278,13 +338,22 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
         baselines.push(spawn("centralized", &participant_bin, &flags, &logs)?);
     }
 
-    wait_with_progress(args, &address, &mut participants, &mut baselines)?;
+    let status = wait_with_progress(args, &address, &mut participants, &mut baselines)?;
     let (global_accuracy, version) = crate::cli::evaluate_global(training, &address)?;
     drop(server);
 
     let mut summary = summarise(args, &results, started.elapsed())?;
     summary.global_accuracy = global_accuracy;
     summary.global_version = version;
+    if let (Some(privacy), Some(status)) = (&mut summary.privacy, status) {
+        privacy.server_epsilon_max = status
+            .participants
+            .iter()
+            .map(|p| p.epsilon_spent)
+            .fold(0.0, f64::max);
+        privacy.server_private_uploads =
+            status.participants.iter().map(|p| p.private_uploads).sum();
+    }
     crate::metrics::write_json(&args.output.join("summary.json"), &summary)?;
     print_summary(&summary);
     Ok(summary)
@@ -298,7 +367,7 @@ fn wait_with_progress(
     address: &str,
     participants: &mut [Managed],
     baselines: &mut [Managed],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<dssgd_proto::v1::StatusResponse>> {
     let total = (args.training.participants * args.training.epochs) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -331,6 +400,7 @@ fn wait_with_progress(
             .context("failed to install the signal handler")?;
     }
     let mut last_report = Instant::now();
+    let mut last_status = None;
     loop {
         if stop.load(AtomicOrdering::Relaxed) {
             bar.abandon();
@@ -369,10 +439,11 @@ fn wait_with_progress(
                 );
                 last_report = Instant::now();
             }
+            last_status = Some(status);
         }
         if running.is_empty() {
             bar.finish();
-            return Ok(());
+            return Ok(last_status);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -388,12 +459,30 @@ fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::
     let mut accuracies = Vec::new();
     let mut standalone = Vec::new();
     let (mut bytes_sent, mut bytes_received) = (0, 0);
+    let mut privacy: Option<PrivacyTotals> = None;
+    let mut stopped_early = Vec::new();
     for index in 0..args.training.participants {
         let metrics = read_json(&results.join(format!("p{index:03}.json")))?;
         accuracies.push(metrics["final_accuracy"].as_f64().unwrap_or(f64::NAN));
         standalone.extend(metrics["standalone_accuracy"].as_f64());
         bytes_sent += metrics["bytes_sent"].as_u64().unwrap_or(0);
         bytes_received += metrics["bytes_received"].as_u64().unwrap_or(0);
+        if let Some(reason) = metrics["stopped_early"].as_str() {
+            stopped_early.push(format!("p{index:03}: {reason}"));
+        }
+        let spend = &metrics["privacy"];
+        if spend.is_object() {
+            let totals = privacy.get_or_insert_with(PrivacyTotals::default);
+            totals.epsilon_per_epoch = spend["epsilon_per_epoch"].as_f64().unwrap_or(f64::NAN);
+            totals.c = spend["c"].as_u64().unwrap_or(0) as usize;
+            totals.epsilon_per_parameter =
+                spend["epsilon_per_parameter"].as_f64().unwrap_or(f64::NAN);
+            let run = spend["run_epsilon"].as_f64().unwrap_or(f64::NAN);
+            totals.run_epsilon_max = totals.run_epsilon_max.max(run);
+            let ledger = spend["total_epsilon"].as_f64().unwrap_or(f64::NAN);
+            totals.ledger_epsilon_max = totals.ledger_epsilon_max.max(ledger);
+            totals.private_uploads += spend["private_uploads"].as_u64().unwrap_or(0);
+        }
     }
     let centralized = if args.skip_baselines {
         None
@@ -416,6 +505,8 @@ fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::
         bytes_sent,
         bytes_received,
         wall_seconds: elapsed.as_secs_f64(),
+        privacy,
+        stopped_early,
         config: args.clone(),
     })
 }
@@ -454,4 +545,25 @@ fn print_summary(summary: &Summary) {
         summary.bytes_sent as f64 / 1e6,
         summary.bytes_received as f64 / 1e6
     );
+    if let Some(privacy) = &summary.privacy {
+        println!(
+            "  privacy: epsilon {} per upload (epsilon/c {} with c = {}); composed over this \
+             run {} per participant at most",
+            significant(privacy.epsilon_per_epoch, 6),
+            significant(privacy.epsilon_per_parameter, 6),
+            privacy.c,
+            significant(privacy.run_epsilon_max, 6)
+        );
+        println!(
+            "  privacy ledgers: {} at most per participant; server records {} at most, {} of {} \
+             private uploads applied",
+            significant(privacy.ledger_epsilon_max, 6),
+            significant(privacy.server_epsilon_max, 6),
+            privacy.server_private_uploads,
+            privacy.private_uploads
+        );
+    }
+    for line in &summary.stopped_early {
+        println!("  stopped early: {line}");
+    }
 }

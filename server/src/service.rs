@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use dssgd_common::config::{
-    Ordering, check_participant_id, check_positive, check_unit_closed, check_unit_open_closed,
+    Ordering, check_non_negative, check_participant_id, check_positive, check_unit_closed,
+    check_unit_open_closed,
 };
 use dssgd_common::select::fraction_count;
 use dssgd_common::sparse::{self, SparseSlice};
@@ -124,6 +125,7 @@ impl Service {
             return Err(ServerError::GammaTooLarge { gamma, max_gamma });
         }
         let theta_u = check_unit_open_closed("theta_u", request.theta_u)?;
+        let epsilon = check_non_negative("epsilon", request.epsilon)?;
         if request.upload_id == 0 {
             return Err(ServerError::ZeroUploadId);
         }
@@ -148,6 +150,7 @@ impl Service {
             upload_id: request.upload_id,
             base_version: request.base_version,
             changes,
+            epsilon,
         };
         let outcome = self.store.apply(&upload)?;
         debug!(
@@ -156,6 +159,7 @@ impl Service {
             base_version = upload.base_version,
             version = outcome.version,
             parameters = upload.changes.len(),
+            epsilon = upload.epsilon,
             applied = outcome.applied,
             "upload"
         );
@@ -195,6 +199,8 @@ impl Service {
                     uploads: record.uploads,
                     parameters_uploaded: record.parameters_uploaded,
                     last_upload_id: record.last_upload_id,
+                    epsilon_spent: record.epsilon_spent,
+                    private_uploads: record.private_uploads,
                 })
                 .collect(),
             total_updates: status.total_updates,

@@ -32,7 +32,7 @@ impl std::fmt::Display for ModelInfo {
 }
 
 /// What the server keeps about one participant.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ParticipantRecord {
     /// Uploads applied.
     pub uploads: u64,
@@ -40,6 +40,10 @@ pub struct ParticipantRecord {
     pub parameters_uploaded: u64,
     /// Largest applied upload id (0 before the first upload).
     pub last_upload_id: u64,
+    /// Sum of the privacy spend declared by the applied uploads.
+    pub epsilon_spent: f64,
+    /// Applied uploads that declared a positive spend.
+    pub private_uploads: u64,
 }
 
 /// A validated upload, ready to apply.
@@ -53,6 +57,9 @@ pub struct Upload {
     pub base_version: u64,
     /// Changes to add: sorted unique indices and their values.
     pub changes: SparseSlice,
+    /// Privacy spend the participant declares for this upload (0 without
+    /// noise).
+    pub epsilon: f64,
 }
 
 /// Result of applying an upload.
@@ -205,6 +212,10 @@ impl Store {
         record.uploads += 1;
         record.parameters_uploaded += upload.changes.len() as u64;
         record.last_upload_id = upload.upload_id;
+        record.epsilon_spent += upload.epsilon;
+        if upload.epsilon > 0.0 {
+            record.private_uploads += 1;
+        }
         Ok(ApplyOutcome {
             version,
             applied: true,
@@ -292,7 +303,26 @@ mod tests {
             upload_id: id,
             base_version: 0,
             changes: SparseSlice { indices, values },
+            epsilon: 0.0,
         }
+    }
+
+    #[test]
+    fn declared_privacy_spend_is_added_once_per_upload_id() {
+        let store = joined_store(vec![0.0; 4]);
+        let mut private = upload(1, vec![0], vec![0.5]);
+        private.epsilon = 0.25;
+        store.apply(&private).unwrap();
+        // A retry of the same upload id adds nothing.
+        store.apply(&private).unwrap();
+        store.apply(&upload(2, vec![1], vec![0.5])).unwrap();
+        let mut second = upload(3, vec![2], vec![0.5]);
+        second.epsilon = 0.5;
+        store.apply(&second).unwrap();
+        let record = &store.status().participants["p1"];
+        assert_eq!(record.epsilon_spent, 0.75);
+        assert_eq!(record.private_uploads, 2);
+        assert_eq!(record.uploads, 3);
     }
 
     #[test]

@@ -310,6 +310,7 @@ fn upload_request(upload_id: u64, changes: pb::SparseSlice) -> pb::UploadRequest
         theta_u: THETA_U,
         changes: Some(changes),
         turn_token: String::new(),
+        epsilon: 0.0,
     }
 }
 
@@ -1194,6 +1195,66 @@ async fn retried_upload_is_applied_once() {
     assert!(!retry.applied, "retried upload was applied again");
     assert_eq!(retry.version, 1, "retried upload reports another version");
     assert_unchanged("retry", &before, &server.snapshot().await);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_epsilon_is_rejected() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    let cases = [
+        ("negative", -0.5, "epsilon -0.5"),
+        ("positive infinity", f64::INFINITY, "epsilon inf"),
+        ("NaN", f64::NAN, "epsilon NaN"),
+    ];
+    for (case, epsilon, needle) in cases {
+        let request = pb::UploadRequest {
+            epsilon,
+            ..valid_upload()
+        };
+        let case = format!("epsilon {case}");
+        assert_upload_rejected(
+            &mut server,
+            &case,
+            request,
+            Code::InvalidArgument,
+            &[needle],
+        )
+        .await;
+    }
+    assert_valid_upload_applies(&mut server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn declared_epsilon_is_summed_once_per_upload_id() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    let first = pb::UploadRequest {
+        epsilon: 0.25,
+        ..upload_request(1, sparse_slice(&[5], &[0.05]))
+    };
+    server.upload(first.clone()).await.expect("upload 1 failed");
+    let retry = server
+        .upload(first)
+        .await
+        .expect("retry of upload 1 failed");
+    assert!(!retry.applied, "the retry was applied again");
+    let plain = upload_request(2, sparse_slice(&[6], &[0.05]));
+    server.upload(plain).await.expect("upload 2 failed");
+    let second = pb::UploadRequest {
+        epsilon: 1.5,
+        ..upload_request(3, sparse_slice(&[7], &[0.05]))
+    };
+    server.upload(second).await.expect("upload 3 failed");
+
+    let status = server.status().await;
+    let record = status
+        .participants
+        .iter()
+        .find(|p| p.participant_id == PARTICIPANT)
+        .expect("the participant is missing from the status");
+    assert_eq!(record.epsilon_spent, 1.75);
+    assert_eq!(record.private_uploads, 2);
+    assert_eq!(record.uploads, 3);
     server.shutdown().await;
 }
 
