@@ -10,6 +10,14 @@ export LIBTORCH
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --bins
+# The compose tests (tests/tests/compose.rs) run the images built here from
+# the release binaries; without a Docker engine they print why they skip.
+if docker info >/dev/null 2>&1; then
+    scripts/docker-images.sh >/dev/null
+    echo "built the images dssgd-server and dssgd-participant for the compose tests" >&2
+else
+    echo "no Docker engine answers: the compose tests will be skipped" >&2
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --workspace 2>&1 | tee "$log"

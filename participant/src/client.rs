@@ -144,7 +144,13 @@ impl Client {
         let endpoint = Endpoint::from_shared(address.to_string())
             .map_err(|error| invalid(error.to_string()))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // Without pings, a connection whose server vanished (a container
+            // that came back under another address) waits forever, because
+            // no data is left unacknowledged for TCP to time out.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
         let inner = ParameterServerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);

@@ -7,6 +7,8 @@
 //!   orderings.
 //! - [`service`]: the tonic handler, validation, and protobuf conversion.
 //! - [`error`]: rejection reasons and their gRPC status codes.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`health`]: the standard gRPC health service and its client check.
 //!
 //! The server does not link libtorch. It learns the model from the first
 //! participant that joins, which sends the model's name, parameter count,
@@ -16,6 +18,8 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod health;
+pub mod metrics;
 pub mod service;
 pub mod store;
 pub mod turns;
@@ -57,6 +61,9 @@ pub struct ServerConfig {
     pub expected_model: Option<String>,
     /// Seed of the random ordering and of turn tokens.
     pub seed: u64,
+    /// Metrics the handler updates; share it with [`metrics::serve`] to
+    /// expose them.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +76,7 @@ impl Default for ServerConfig {
             max_gamma: None,
             expected_model: None,
             seed: 0,
+            metrics: Arc::new(metrics::Metrics::new()),
         }
     }
 }
@@ -93,7 +101,13 @@ pub async fn run(
     let service = ParameterServerServer::new(Service::new(store, config))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
+    let (health_reporter, health_service) = health::serving().await;
+    let shutdown = async move {
+        shutdown.await;
+        health::set_not_serving(&health_reporter).await;
+    };
     tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use dssgd_common::config::{Ordering, check_positive};
 use dssgd_server::{DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, Store};
 use tokio::net::TcpListener;
@@ -51,6 +51,39 @@ struct Args {
     /// Write logs as JSON lines.
     #[arg(long, env = "DSSGD_LOG_JSON")]
     log_json: bool,
+
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (for example
+    /// 127.0.0.1:9090); off unless set.
+    #[arg(long, env = "DSSGD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Run a subcommand instead of serving.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ask a running server for its status through the standard gRPC health
+    /// service (grpc.health.v1.Health/Check). Prints the status and exits 0
+    /// when it is SERVING, 1 otherwise. Container health checks run this.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HealthArgs {
+    /// Address of the server to check (default: this host, on the port of
+    /// --listen, so a container checks its own server).
+    #[arg(long, env = "DSSGD_HEALTH_ADDR")]
+    addr: Option<String>,
+
+    /// Service to check; an empty name checks the whole server.
+    #[arg(long, default_value = dssgd_server::health::SERVICE_NAME)]
+    service: String,
+
+    /// Time limit of the check, connecting included, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    timeout_seconds: f64,
 }
 
 fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
@@ -105,10 +138,46 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if let Some(Command::Health(health)) = &args.command {
+        std::process::exit(check_health(&args, health).await);
+    }
     init_logging(args.log_json);
     if let Err(error) = serve(&args).await {
         eprintln!("dssgd-server: error: {error:#}");
         std::process::exit(1);
+    }
+}
+
+/// Runs the health subcommand and returns the process exit code.
+async fn check_health(args: &Args, health: &HealthArgs) -> i32 {
+    let address = health
+        .addr
+        .clone()
+        .unwrap_or_else(|| dssgd_server::health::local_probe_address(args.listen));
+    let timeout = match check_positive("timeout-seconds", health.timeout_seconds) {
+        Ok(seconds) => Duration::from_secs_f64(seconds),
+        Err(error) => {
+            eprintln!("dssgd-server: error: {error}");
+            return 1;
+        }
+    };
+    match dssgd_server::health::check(&address, &health.service, timeout).await {
+        Ok(status) if status == "SERVING" => {
+            println!("{status}");
+            0
+        }
+        Ok(status) => {
+            println!("{status}");
+            eprintln!(
+                "dssgd-server: service {:?} at {address} is {status}",
+                health.service
+            );
+            1
+        }
+        Err(error) => {
+            eprintln!("dssgd-server: error: {error:#}");
+            1
+        }
     }
 }
 
@@ -120,6 +189,20 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     // Tests and the local simulation start the server on port 0 and read the
     // real port from this line.
     println!("listening on {}", listener.local_addr()?);
-    dssgd_server::run(config, Arc::new(Store::new()), listener, shutdown_signal()).await?;
+    let store = Arc::new(Store::new());
+    if let Some(address) = args.metrics_listen {
+        let metrics_listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("failed to listen for metrics on {address}"))?;
+        println!("metrics on {}", metrics_listener.local_addr()?);
+        // The endpoint stops with the process, after the gRPC server.
+        tokio::spawn(dssgd_server::metrics::serve(
+            metrics_listener,
+            Arc::clone(&config.metrics),
+            Arc::clone(&store),
+            std::future::pending(),
+        ));
+    }
+    dssgd_server::run(config, store, listener, shutdown_signal()).await?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::ServerConfig;
 use crate::error::ServerError;
+use crate::metrics::Metrics;
 use crate::store::{ModelInfo, Store, Upload};
 use crate::turns::Turns;
 
@@ -25,17 +26,25 @@ pub struct Service {
     store: Arc<Store>,
     turns: Arc<Turns>,
     config: Arc<ServerConfig>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
     /// Creates a handler over `store`.
     pub fn new(store: Arc<Store>, config: ServerConfig) -> Self {
         let turns = Turns::new(config.ordering, config.lease, config.seed);
+        let metrics = Arc::clone(&config.metrics);
         Self {
             store,
             turns: Arc::new(turns),
             config: Arc::new(config),
+            metrics,
         }
+    }
+
+    /// The handler's metrics, for the metrics endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     fn join(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse, ServerError> {
@@ -102,6 +111,8 @@ impl Service {
                 dense: false,
             },
         };
+        let bytes = parameters.indices.len() + parameters.values.len();
+        self.metrics.download(download.values.len(), bytes);
         Ok(pb::DownloadResponse {
             version: download.version,
             parameters: Some(parameters),
@@ -129,6 +140,10 @@ impl Service {
         if request.upload_id == 0 {
             return Err(ServerError::ZeroUploadId);
         }
+        let encoded_bytes = request
+            .changes
+            .as_ref()
+            .map_or(0, |slice| slice.indices.len() + slice.values.len());
         let changes = decode_changes(request.changes, model.parameter_count)?;
         let n = model.parameter_count as usize;
         let allowed = fraction_count(theta_u, n);
@@ -163,6 +178,12 @@ impl Service {
             applied = outcome.applied,
             "upload"
         );
+        if outcome.applied {
+            // Versions applied by others between the base and this upload.
+            let staleness = outcome.version.saturating_sub(1 + upload.base_version);
+            self.metrics
+                .upload(upload.changes.len(), encoded_bytes, staleness);
+        }
         if !outcome.applied {
             info!(
                 participant = %upload.participant,
@@ -256,6 +277,7 @@ fn to_proto_ordering(ordering: Ordering) -> pb::Ordering {
 /// validating and copying a large slice is CPU work that would stall the
 /// reactor threads, and converts its rejection into a logged status.
 async fn off_reactor<T, F>(
+    metrics: &Metrics,
     rpc: &'static str,
     participant: String,
     handler: F,
@@ -267,15 +289,23 @@ where
     let result = tokio::task::spawn_blocking(handler)
         .await
         .map_err(|error| Status::internal(format!("{rpc} task failed: {error}")))?;
-    result
-        .map(Response::new)
-        .map_err(|error| reject(rpc, &participant, error))
+    finish(metrics, rpc, &participant, result).map(Response::new)
 }
 
-/// Logs a rejection once at warn with its reason, and converts it.
-fn reject(rpc: &'static str, participant: &str, error: ServerError) -> Status {
-    warn!(rpc, participant, reason = error.reason(), error = %error, "request rejected");
-    error.into()
+/// Counts a finished call. A rejection is also logged once at warn with its
+/// reason and converted into a status.
+fn finish<T>(
+    metrics: &Metrics,
+    rpc: &'static str,
+    participant: &str,
+    result: Result<T, ServerError>,
+) -> Result<T, Status> {
+    metrics.call(rpc, result.is_ok());
+    result.map_err(|error| {
+        metrics.rejection(rpc, error.reason());
+        warn!(rpc, participant, reason = error.reason(), error = %error, "request rejected");
+        error.into()
+    })
 }
 
 #[tonic::async_trait]
@@ -287,7 +317,10 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        off_reactor("Join", participant, move || service.join(request)).await
+        off_reactor(&self.metrics, "Join", participant, move || {
+            service.join(request)
+        })
+        .await
     }
 
     async fn download_parameters(
@@ -297,9 +330,12 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        off_reactor("DownloadParameters", participant, move || {
-            service.download(request)
-        })
+        off_reactor(
+            &self.metrics,
+            "DownloadParameters",
+            participant,
+            move || service.download(request),
+        )
         .await
     }
 
@@ -310,7 +346,7 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        off_reactor("UploadGradients", participant, move || {
+        off_reactor(&self.metrics, "UploadGradients", participant, move || {
             service.upload(request)
         })
         .await
@@ -321,13 +357,15 @@ impl ParameterServer for Service {
         request: Request<pb::TurnRequest>,
     ) -> Result<Response<pb::TurnResponse>, Status> {
         let participant = request.into_inner().participant_id;
-        self.check_registered(&participant)
-            .map_err(|error| reject("AcquireTurn", &participant, error))?;
-        let grant = self
-            .turns
-            .acquire(&participant, self.config.turn_wait)
-            .await
-            .map_err(|error| reject("AcquireTurn", &participant, error))?;
+        let grant = match self.check_registered(&participant) {
+            Ok(()) => {
+                self.turns
+                    .acquire(&participant, self.config.turn_wait)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        let grant = finish(&self.metrics, "AcquireTurn", &participant, grant)?;
         Ok(Response::new(match grant {
             Some(grant) => pb::TurnResponse {
                 granted: true,
@@ -347,10 +385,8 @@ impl ParameterServer for Service {
         request: Request<pb::TurnLease>,
     ) -> Result<Response<pb::TurnResponse>, Status> {
         let lease = request.into_inner();
-        let grant = self
-            .turns
-            .renew(&lease.participant_id, &lease.token)
-            .map_err(|error| reject("RenewTurn", &lease.participant_id, error))?;
+        let grant = self.turns.renew(&lease.participant_id, &lease.token);
+        let grant = finish(&self.metrics, "RenewTurn", &lease.participant_id, grant)?;
         Ok(Response::new(pb::TurnResponse {
             granted: true,
             token: grant.token,
@@ -363,9 +399,13 @@ impl ParameterServer for Service {
         request: Request<pb::TurnLease>,
     ) -> Result<Response<pb::ReleaseTurnResponse>, Status> {
         let lease = request.into_inner();
-        self.turns
-            .release(&lease.participant_id, &lease.token)
-            .map_err(|error| reject("ReleaseTurn", &lease.participant_id, error))?;
+        let released = self.turns.release(&lease.participant_id, &lease.token);
+        finish(
+            &self.metrics,
+            "ReleaseTurn",
+            &lease.participant_id,
+            released,
+        )?;
         debug!(participant = %lease.participant_id, "turn released");
         Ok(Response::new(pb::ReleaseTurnResponse {}))
     }

@@ -75,6 +75,22 @@ impl ChildGuard {
         line.trim().to_string()
     }
 
+    /// Reads the first `count` stdout lines (the server prints its gRPC
+    /// address, then its metrics address when it serves metrics).
+    pub fn first_lines(&mut self, count: usize) -> Vec<String> {
+        let stdout = self.child.stdout.take().expect("stdout is piped");
+        let mut reader = BufReader::new(stdout);
+        (0..count)
+            .map(|_| {
+                let mut line = String::new();
+                reader
+                    .read_line(&mut line)
+                    .expect("stdout should be readable");
+                line.trim().to_string()
+            })
+            .collect()
+    }
+
     /// Waits for the process to exit within [`CHILD_TIMEOUT`] and returns
     /// whether it succeeded.
     pub fn wait(&mut self) -> bool {
