@@ -1,10 +1,19 @@
 //! Compiles `dssgd/v1/dssgd.proto` with protox, a pure-Rust protobuf
-//! compiler, so building needs no `protoc` on the machine.
+//! compiler, so building needs no `protoc` on the machine. It also writes
+//! the encoded file descriptor set, which the server's reflection service
+//! publishes.
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "dssgd/v1/dssgd.proto";
     println!("cargo:rerun-if-changed={proto}");
     let descriptors = protox::compile([proto], ["."])?;
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("dssgd_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
     tonic_prost_build::configure().compile_fds(descriptors)?;
     Ok(())
 }

@@ -8,4 +8,9 @@
 /// Version 1 of the protocol.
 pub mod v1 {
     tonic::include_proto!("dssgd.v1");
+
+    /// Encoded `FileDescriptorSet` of `dssgd/v1/dssgd.proto`, for gRPC
+    /// server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/dssgd_descriptor.bin"));
 }
