@@ -50,7 +50,10 @@ fn reflection_lists_services_and_serves_descriptors() {
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
     }
 
     let symbol = runtime.block_on(ask(
