@@ -6,6 +6,8 @@ use dssgd_common::sparse::SparseError;
 use thiserror::Error;
 use tonic::{Code, Status};
 
+use crate::durable::StateError;
+
 /// Why the server rejected a request. Every variant leaves the global
 /// parameters unchanged.
 #[derive(Debug, Error)]
@@ -99,6 +101,10 @@ pub enum ServerError {
     /// The request does not apply to the configured ordering.
     #[error("turns are not used in the asynchronous ordering")]
     TurnsDisabled,
+    /// The change could not be stored durably, so it was not applied; a
+    /// retry may succeed, for example after a restart of the server.
+    #[error("the change was not applied because storing it failed: {0}")]
+    Storage(#[from] StateError),
 }
 
 impl ServerError {
@@ -125,6 +131,7 @@ impl ServerError {
             ServerError::LayoutMismatch { .. } => "layout_mismatch",
             ServerError::NoTurn { .. } => "no_turn",
             ServerError::TurnsDisabled => "turns_disabled",
+            ServerError::Storage(_) => "storage_failed",
         }
     }
 
@@ -146,6 +153,7 @@ impl ServerError {
             | ServerError::LayoutMismatch { .. }
             | ServerError::NoTurn { .. }
             | ServerError::TurnsDisabled => Code::FailedPrecondition,
+            ServerError::Storage(_) => Code::Unavailable,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! atomically and serves downloads of the most-updated parameters.
 //!
 //! - [`store`]: the state behind one lock, and the apply and download rules.
+//! - [`durable`]: the state's durable copy in an embedded redb database.
 //! - [`turns`]: leased, exclusive turns for the round robin and random
 //!   orderings.
 //! - [`service`]: the tonic handler, validation, and protobuf conversion.
@@ -17,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod durable;
 pub mod error;
 pub mod health;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! Command-line entry point of the DSSGD parameter server.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use clap::{Parser, Subcommand};
 use dssgd_common::config::{Ordering, check_positive};
 use dssgd_server::{DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, Store};
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// DSSGD parameter server: holds the global parameters that participants
@@ -51,6 +52,25 @@ struct Args {
     /// Write logs as JSON lines.
     #[arg(long, env = "DSSGD_LOG_JSON")]
     log_json: bool,
+
+    /// Directory of the durable state (created if missing). Every upload is
+    /// committed there before it is acknowledged, and a restart on the same
+    /// directory continues from it. Without it the state is in memory only
+    /// and lost when the server stops.
+    #[arg(long, env = "DSSGD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// With --state-dir: write a checkpoint of the parameters once the
+    /// upload log holds more changes than this many times the parameter
+    /// count. Larger values make uploads cheaper and restarts slower; 0
+    /// writes a checkpoint with every upload.
+    #[arg(long, env = "DSSGD_CHECKPOINT_FACTOR", default_value_t = 4)]
+    checkpoint_factor: u64,
+
+    /// On SIGTERM or SIGINT, time given to calls in flight to finish, in
+    /// seconds, before the server stops without them.
+    #[arg(long, env = "DSSGD_SHUTDOWN_GRACE_SECONDS", default_value_t = 5.0)]
+    shutdown_grace_seconds: f64,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics (for example
     /// 127.0.0.1:9090); off unless set.
@@ -183,13 +203,17 @@ async fn check_health(args: &Args, health: &HealthArgs) -> i32 {
 
 async fn serve(args: &Args) -> anyhow::Result<()> {
     let config = config_from(args)?;
+    let grace = Duration::from_secs_f64(check_positive(
+        "shutdown-grace-seconds",
+        args.shutdown_grace_seconds,
+    )?);
+    let store = Arc::new(open_store(args)?);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     // Tests and the local simulation start the server on port 0 and read the
     // real port from this line.
     println!("listening on {}", listener.local_addr()?);
-    let store = Arc::new(Store::new());
     if let Some(address) = args.metrics_listen {
         let metrics_listener = TcpListener::bind(address)
             .await
@@ -203,6 +227,77 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             std::future::pending(),
         ));
     }
-    dssgd_server::run(config, store, listener, shutdown_signal()).await?;
+    run_until_signal(config, Arc::clone(&store), listener, grace).await?;
+    if store.is_durable() {
+        store
+            .close()
+            .context("failed to close the state database")?;
+        info!("state database closed; every acknowledged upload is stored");
+    }
+    Ok(())
+}
+
+/// Opens the durable state of `--state-dir`, or an in-memory store without
+/// it, and logs what was restored.
+fn open_store(args: &Args) -> anyhow::Result<Store> {
+    let Some(dir) = &args.state_dir else {
+        warn!(
+            "the state is in memory only and is lost when the server stops; set --state-dir to keep it"
+        );
+        return Ok(Store::new());
+    };
+    let options = dssgd_server::durable::DurableOptions {
+        checkpoint_factor: args.checkpoint_factor,
+    };
+    let (store, report) = Store::open_durable(dir, args.ordering, options)?;
+    if let (Some(expected), Some(model)) = (&args.model, &report.model) {
+        anyhow::ensure!(
+            *expected == model.name,
+            "the state in {} serves {model}, but --model is {expected}; use another --state-dir for a new federation",
+            report.path.display()
+        );
+    }
+    let path = report.path.display().to_string();
+    if report.created {
+        info!(path, "created a new state database");
+    } else {
+        info!(
+            path,
+            version = report.version,
+            participants = report.participants,
+            model = report.model.as_ref().map(ToString::to_string),
+            checkpoint_version = report.checkpoint_version,
+            replayed_uploads = report.replayed_uploads,
+            "restored the state"
+        );
+    }
+    Ok(store)
+}
+
+/// Serves until SIGTERM or SIGINT, then stops accepting calls and gives the
+/// calls in flight `grace` to finish before it stops waiting for them.
+async fn run_until_signal(
+    config: ServerConfig,
+    store: Arc<Store>,
+    listener: TcpListener,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = dssgd_server::run(config, store, listener, async move {
+        let _ = stopped.await;
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return Ok(result?),
+        () = shutdown_signal() => {}
+    }
+    let _ = stop.send(());
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => result?,
+        Err(_) => warn!(
+            grace_seconds = grace.as_secs_f64(),
+            "calls still in flight at the end of the shutdown grace period; stopping without them"
+        ),
+    }
     Ok(())
 }

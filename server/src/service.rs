@@ -30,9 +30,13 @@ pub struct Service {
 }
 
 impl Service {
-    /// Creates a handler over `store`.
+    /// Creates a handler over `store`. Participants restored from a durable
+    /// store keep their place in the round robin order.
     pub fn new(store: Arc<Store>, config: ServerConfig) -> Self {
         let turns = Turns::new(config.ordering, config.lease, config.seed);
+        for participant in store.join_order() {
+            turns.register(&participant);
+        }
         let metrics = Arc::clone(&config.metrics);
         Self {
             store,

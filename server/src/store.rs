@@ -1,13 +1,20 @@
 //! The global parameters, their update counters, the version and the
 //! per-participant records, behind one lock so that an upload is applied
 //! atomically with respect to downloads.
+//!
+//! A store is in memory only ([`Store::new`]) or durable
+//! ([`Store::open_durable`]). A durable store commits every change to its
+//! database before it changes the memory, so what a call returns is on disk.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
+use dssgd_common::config::Ordering;
 use dssgd_common::select::{fraction_count, top_k_by_key};
 use dssgd_common::sparse::SparseSlice;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
 
+use crate::durable::{DurableOptions, DurableState, StateError};
 use crate::error::ServerError;
 
 /// Identity of the served model.
@@ -84,9 +91,42 @@ pub struct Download {
 
 /// The global state: empty until the first participant joins with initial
 /// parameters.
+///
+/// Changes (joins and uploads) take the state's upgradable read lock, which
+/// one caller holds at a time while downloads keep reading, commit to the
+/// database if the store is durable, and only then take the write lock to
+/// change the memory. So a download never sees a change that is not durable.
 #[derive(Debug, Default)]
 pub struct Store {
     inner: RwLock<Inner>,
+    persistence: Mutex<Persistence>,
+}
+
+/// Where the store keeps its state besides memory.
+#[derive(Debug, Default)]
+enum Persistence {
+    #[default]
+    Memory,
+    Durable(DurableState),
+}
+
+/// What [`Store::open_durable`] found and restored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestoreReport {
+    /// The database file.
+    pub path: PathBuf,
+    /// Whether the database was created by this open.
+    pub created: bool,
+    /// The served model, if a participant had joined.
+    pub model: Option<ModelInfo>,
+    /// The restored version.
+    pub version: u64,
+    /// Number of restored participants.
+    pub participants: usize,
+    /// Version of the last checkpoint in the database.
+    pub checkpoint_version: u64,
+    /// Uploads replayed from the log on top of the checkpoint.
+    pub replayed_uploads: u64,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +139,8 @@ struct Inner {
     counters: Vec<u64>,
     version: u64,
     participants: BTreeMap<String, ParticipantRecord>,
+    /// Participants in the order they first joined.
+    join_order: Vec<String>,
 }
 
 /// A snapshot of the whole state, for status reports and tests.
@@ -115,9 +157,69 @@ pub struct StoreStatus {
 }
 
 impl Store {
-    /// Creates an empty store.
+    /// Creates an empty store that keeps its state in memory only.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Opens the durable state in `dir` (created if missing) and restores
+    /// the acknowledged state from it. A damaged database is reported, not
+    /// replaced. `ordering` must be the one the state was created with.
+    pub fn open_durable(
+        dir: &Path,
+        ordering: Ordering,
+        options: DurableOptions,
+    ) -> Result<(Self, RestoreReport), StateError> {
+        let (durable, restored, created) = DurableState::open(dir, ordering, options)?;
+        let report = RestoreReport {
+            path: durable.path().to_path_buf(),
+            created,
+            model: restored.model.clone(),
+            version: restored.version,
+            participants: restored.participants.len(),
+            checkpoint_version: restored.checkpoint_version,
+            replayed_uploads: restored.replayed_uploads,
+        };
+        let join_order = restored
+            .participants
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let inner = Inner {
+            model: restored.model,
+            parameters: restored.parameters,
+            counters: restored.counters,
+            version: restored.version,
+            participants: restored.participants.into_iter().collect(),
+            join_order,
+        };
+        let store = Self {
+            inner: RwLock::new(inner),
+            persistence: Mutex::new(Persistence::Durable(durable)),
+        };
+        Ok((store, report))
+    }
+
+    /// Whether the state survives a restart.
+    pub fn is_durable(&self) -> bool {
+        matches!(*self.persistence.lock(), Persistence::Durable(_))
+    }
+
+    /// Closes the database of a durable store after the change in progress,
+    /// if any. Later changes are rejected as unavailable. Does nothing for an
+    /// in-memory store.
+    pub fn close(&self) -> Result<(), StateError> {
+        // The upgradable lock waits for a change that is being committed.
+        let _changes = self.inner.upgradable_read();
+        match &mut *self.persistence.lock() {
+            Persistence::Durable(durable) => durable.close(),
+            Persistence::Memory => Ok(()),
+        }
+    }
+
+    /// Participants in the order they first joined.
+    pub fn join_order(&self) -> Vec<String> {
+        self.inner.read().join_order.clone()
     }
 
     /// The served model, if any participant has initialised the server.
@@ -135,31 +237,47 @@ impl Store {
         model: &ModelInfo,
         initial: Option<Vec<f32>>,
     ) -> Result<(ParticipantRecord, u64, bool), ServerError> {
-        let mut inner = self.inner.write();
-        let mut initialized = false;
-        match &inner.model {
+        let inner = self.inner.upgradable_read();
+        let initial_parameters = match &inner.model {
             Some(served) if served != model => {
                 return Err(ServerError::ModelMismatch {
                     participant: model.to_string(),
                     server: served.to_string(),
                 });
             }
-            Some(_) => {}
+            Some(_) => None,
             None => {
                 let values = initial.ok_or(ServerError::MissingInitialParameters)?;
                 debug_assert_eq!(values.len() as u64, model.parameter_count);
-                inner.parameters = values.into_iter().map(f64::from).collect();
-                inner.counters = vec![0; inner.parameters.len()];
-                inner.model = Some(model.clone());
-                initialized = true;
+                Some(values.into_iter().map(f64::from).collect::<Vec<f64>>())
             }
+        };
+        let known = inner.participants.get(participant).cloned();
+        if (initial_parameters.is_some() || known.is_none())
+            && let Persistence::Durable(durable) = &mut *self.persistence.lock()
+        {
+            let initial = initial_parameters
+                .as_deref()
+                .map(|parameters| (model, parameters));
+            let position = inner.join_order.len() as u64;
+            let new_participant = known.is_none().then_some((participant, position));
+            durable.record_join(initial, new_participant)?;
         }
-        let record = inner
-            .participants
-            .entry(participant.to_string())
-            .or_default()
-            .clone();
-        Ok((record, inner.version, initialized))
+
+        let mut inner = RwLockUpgradableReadGuard::upgrade(inner);
+        let initialized = initial_parameters.is_some();
+        if let Some(parameters) = initial_parameters {
+            inner.counters = vec![0; parameters.len()];
+            inner.parameters = parameters;
+            inner.model = Some(model.clone());
+        }
+        if known.is_none() {
+            inner
+                .participants
+                .insert(participant.to_string(), ParticipantRecord::default());
+            inner.join_order.push(participant.to_string());
+        }
+        Ok((known.unwrap_or_default(), inner.version, initialized))
     }
 
     /// Returns whether `participant` has joined.
@@ -174,9 +292,11 @@ impl Store {
 
     /// Applies a validated upload atomically: adds every value, bumps each
     /// touched counter and the version, and records the upload id. A repeat
-    /// of an applied upload id changes nothing.
+    /// of an applied upload id changes nothing. A durable store commits the
+    /// upload before it applies it in memory, and a failed commit leaves the
+    /// state unchanged.
     pub fn apply(&self, upload: &Upload) -> Result<ApplyOutcome, ServerError> {
-        let mut inner = self.inner.write();
+        let inner = self.inner.upgradable_read();
         let version = inner.version;
         if upload.base_version > version {
             return Err(ServerError::FutureVersion {
@@ -193,7 +313,26 @@ impl Store {
                 applied: false,
             });
         }
+        let mut record = record.clone();
+        record.uploads += 1;
+        record.parameters_uploaded += upload.changes.len() as u64;
+        record.last_upload_id = upload.upload_id;
+        record.epsilon_spent += upload.epsilon;
+        if upload.epsilon > 0.0 {
+            record.private_uploads += 1;
+        }
+        if let Persistence::Durable(durable) = &mut *self.persistence.lock() {
+            durable.record_upload(
+                &inner.parameters,
+                &inner.counters,
+                version,
+                &upload.participant,
+                &record,
+                &upload.changes,
+            )?;
+        }
 
+        let mut inner = RwLockUpgradableReadGuard::upgrade(inner);
         let Inner {
             parameters,
             counters,
@@ -204,20 +343,11 @@ impl Store {
             counters[index as usize] += 1;
         }
         inner.version += 1;
-        let version = inner.version;
-        let record = inner
+        inner
             .participants
-            .get_mut(&upload.participant)
-            .expect("participant presence was checked under the same lock");
-        record.uploads += 1;
-        record.parameters_uploaded += upload.changes.len() as u64;
-        record.last_upload_id = upload.upload_id;
-        record.epsilon_spent += upload.epsilon;
-        if upload.epsilon > 0.0 {
-            record.private_uploads += 1;
-        }
+            .insert(upload.participant.clone(), record);
         Ok(ApplyOutcome {
-            version,
+            version: inner.version,
             applied: true,
         })
     }

@@ -309,6 +309,21 @@ fn server_status(address: &str) -> pb::StatusResponse {
     })
 }
 
+/// Returns the server's status, or `None` while it does not answer.
+fn try_server_status(address: &str) -> Option<pb::StatusResponse> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime should start");
+    runtime.block_on(async {
+        let mut client = ParameterServerClient::connect(address.to_string())
+            .await
+            .ok()?;
+        let status = client.get_status(pb::StatusRequest {}).await.ok()?;
+        Some(status.into_inner())
+    })
+}
+
 /// Uploads per participant identifier, with the last upload id.
 fn uploads_by_participant(status: &pb::StatusResponse) -> BTreeMap<String, (u64, u64)> {
     status
@@ -590,12 +605,77 @@ fn compose_partitioned_participant_resumes() {
 }
 
 #[test]
-fn compose_server_restart_needs_durable_state() {
-    say(
-        "compose scenario skipped (the server container is restarted mid-run): the server has \
-         no durable state. It keeps the global parameters, update counters and participant \
-         records in memory only, so a restarted server starts empty and the participants fail \
-         with an unknown-participant error. The server-state volume at /var/lib/dssgd is \
-         mounted and ready for it.",
+fn compose_server_restart_resumes_from_saved_state() {
+    let scenario = "the server container is killed mid-run and started again on its state volume";
+    let Some((_guard, program)) = prepare(scenario) else {
+        return;
+    };
+    let started = Instant::now();
+    let epochs = 200;
+    let project = Project::up(
+        program,
+        "restart",
+        &long_run_settings(epochs),
+        &["server", "participant"],
     );
+    let participants = project.containers("participant");
+    assert_eq!(participants.len(), 3, "participant containers");
+    let server = project.containers("server").remove(0);
+    let address = project.server_address();
+
+    wait_for(
+        "the federation to reach version 30",
+        Duration::from_secs(120),
+        || server_status(&address).version >= 30,
+    );
+    let before = server_status(&address);
+    docker(&["kill", &server]);
+    let killed_at = Instant::now();
+    assert_eq!(state(&server).0, "exited", "server after the kill");
+    std::thread::sleep(Duration::from_secs(3));
+    docker(&["start", &server]);
+    // The container may come back under another address.
+    let address = project.server_address();
+    wait_for(
+        "the restarted server to answer",
+        Duration::from_secs(60),
+        || try_server_status(&address).is_some(),
+    );
+    let downtime = killed_at.elapsed().as_secs_f64();
+    let restored = server_status(&address);
+    assert!(
+        restored.version >= before.version,
+        "the restarted server is at version {}, below the {} acknowledged before the kill",
+        restored.version,
+        before.version
+    );
+    let log = logs(&server);
+    assert!(
+        log.contains("restored the state"),
+        "the server did not report restoring its state:\n{log}"
+    );
+
+    for (index, container) in participants.iter().enumerate() {
+        let code = wait_for_exit(container, &format!("p00{index}"), Duration::from_secs(300));
+        assert_eq!(code, 0, "exit code of p00{index}");
+    }
+    let status = server_status(&address);
+    for (id, record) in &uploads_by_participant(&status) {
+        assert_eq!(*record, (epochs as u64, epochs as u64), "uploads of {id}");
+    }
+    assert_eq!(status.version, 3 * epochs as u64, "global version");
+    assert_eq!(
+        status.total_updates,
+        3 * epochs as u64 * UPLOADED_PER_EPOCH,
+        "applied parameter changes"
+    );
+    say(&format!(
+        "  result: server killed at version {} (restored at version {}), down {downtime:.0} s; \
+         every participant finished {epochs} epochs with each upload applied once; version {}, \
+         {:.0} s",
+        before.version,
+        restored.version,
+        status.version,
+        started.elapsed().as_secs_f64()
+    ));
 }
