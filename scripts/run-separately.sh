@@ -21,7 +21,7 @@ BIN=target/release
 mkdir -p "$OUT/logs" "$OUT/metrics"
 
 started=$(date +%s)
-"$BIN/dssgd-server" --listen "127.0.0.1:$PORT" --model "$MODEL" >"$OUT/logs/server.out" 2>"$OUT/logs/server.log" &
+"$BIN/dssgd-server" --listen "127.0.0.1:$PORT" --insecure --model "$MODEL" >"$OUT/logs/server.out" 2>"$OUT/logs/server.log" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 
@@ -31,7 +31,7 @@ for ((i = 0; i < PARTICIPANTS; i++)); do
     id=$(printf 'p%03d' "$i")
     # shellcheck disable=SC2086
     "$BIN/dssgd-participant" collaborate "${common[@]}" $EXTRA --index "$i" \
-        --server "http://127.0.0.1:$PORT" --metrics "$OUT/metrics/$id.json" \
+        --insecure --server "http://127.0.0.1:$PORT" --metrics "$OUT/metrics/$id.json" \
         >"$OUT/logs/$id.out" 2>"$OUT/logs/$id.log" &
     pids+=($!)
 done

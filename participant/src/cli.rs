@@ -16,7 +16,7 @@ use dssgd_common::shard::ShardPlan;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::client::{Client, RetryPolicy};
 use crate::data::{Dataset, Mnist, ensure_mnist, load_mnist};
@@ -142,9 +142,9 @@ pub struct CollaborateArgs {
     #[command(flatten)]
     pub sharing: SharingArgs,
 
-    /// Address of the parameter server.
-    #[arg(long, env = "DSSGD_SERVER", default_value = "http://127.0.0.1:50051")]
-    pub server: String,
+    /// Server address and transport security.
+    #[command(flatten)]
+    pub transport: TransportArgs,
 
     /// This participant's index in 0..participants; selects its shard.
     #[arg(long, env = "DSSGD_INDEX")]
@@ -226,9 +226,115 @@ pub struct EvaluateArgs {
     #[command(flatten)]
     pub training: TrainingArgs,
 
-    /// Address of the parameter server.
+    /// Server address and transport security.
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+/// Participant identifier under which `evaluate` joins the server; with
+/// mutual TLS its client certificate must carry this common name.
+pub const EVALUATOR_ID: &str = "evaluator";
+
+/// Where the parameter server is and how the connection is secured.
+#[derive(Clone, Debug, Default, Args, Serialize)]
+pub struct TransportArgs {
+    /// Address of the parameter server: https://HOST:PORT for TLS, or
+    /// http://HOST:PORT for plaintext together with --insecure.
     #[arg(long, env = "DSSGD_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
+
+    /// PEM certificate of the federation's CA, which the server's
+    /// certificate must chain to (required for https).
+    #[arg(long, env = "DSSGD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate of this participant, for a server that
+    /// requires mutual TLS; its common name must be the participant id.
+    #[arg(long, env = "DSSGD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DSSGD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Name to verify the server's certificate against, when it differs
+    /// from the host in --server.
+    #[arg(long, env = "DSSGD_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+
+    /// Allow a plaintext http:// server. The uploads and the global model
+    /// then cross the network unencrypted and unauthenticated: use it only
+    /// on a trusted network, such as loopback or a private container
+    /// network.
+    #[arg(long, env = "DSSGD_INSECURE")]
+    pub insecure: bool,
+}
+
+impl TransportArgs {
+    /// Checks the address against the TLS flags and builds the TLS settings
+    /// for an https address (`None` for plaintext).
+    pub fn client_tls(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        let files = dssgd_server::tls::ClientTlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            domain: self.tls_domain.clone(),
+        };
+        if self.server.starts_with("https://") {
+            if self.insecure {
+                bail!(
+                    "--insecure conflicts with the https address {}: drop --insecure",
+                    self.server
+                );
+            }
+            if self.tls_ca.is_none() {
+                bail!(
+                    "the https address {} needs --tls-ca, the PEM certificate of the CA that signed the server's certificate",
+                    self.server
+                );
+            }
+            return Ok(Some(dssgd_server::tls::client_config(&files)?));
+        }
+        if files.is_set() {
+            bail!(
+                "TLS files are given but the address {} is plaintext http; use https://",
+                self.server
+            );
+        }
+        if !self.insecure {
+            bail!(
+                "the address {} is plaintext http: use https:// with --tls-ca (and --tls-cert and --tls-key for mutual TLS), or pass --insecure on a trusted network",
+                self.server
+            );
+        }
+        warn!(
+            server = %self.server,
+            "connecting without TLS (--insecure): uploads and the global model cross the network unencrypted"
+        );
+        Ok(None)
+    }
+
+    /// Flags that reproduce these settings on a child process.
+    pub fn flags(&self) -> Vec<String> {
+        let mut flags = vec!["--server".to_string(), self.server.clone()];
+        let paths = [
+            ("--tls-ca", &self.tls_ca),
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+        ];
+        for (flag, path) in paths {
+            if let Some(path) = path {
+                flags.extend([flag.to_string(), path.display().to_string()]);
+            }
+        }
+        if let Some(domain) = &self.tls_domain {
+            flags.extend(["--tls-domain".to_string(), domain.clone()]);
+        }
+        if self.insecure {
+            flags.push("--insecure".into());
+        }
+        flags
+    }
 }
 
 /// Settings of a baseline run.
@@ -409,7 +515,8 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
     let mut client = {
         let _guard = runtime.enter();
         Client::new(
-            &args.server,
+            &args.transport.server,
+            args.transport.client_tls()?,
             &participant_id,
             crate::client::DEFAULT_MAX_MESSAGE_BYTES,
             retry,
@@ -485,7 +592,11 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
 /// Downloads every global parameter from the server at `address` into a
 /// model of `training.model` and returns its test accuracy and the version
 /// it was read at.
-pub fn evaluate_global(training: &TrainingArgs, address: &str) -> anyhow::Result<(f64, u64)> {
+pub fn evaluate_global(
+    training: &TrainingArgs,
+    transport: &TransportArgs,
+) -> anyhow::Result<(f64, u64)> {
+    let address = transport.server.as_str();
     let (device, mnist) = training.prepare()?;
     let test = mnist.test.to_device(device);
     drop(mnist);
@@ -501,7 +612,8 @@ pub fn evaluate_global(training: &TrainingArgs, address: &str) -> anyhow::Result
         let _guard = runtime.enter();
         Client::new(
             address,
-            "evaluator",
+            transport.client_tls()?,
+            EVALUATOR_ID,
             crate::client::DEFAULT_MAX_MESSAGE_BYTES,
             retry,
         )?
@@ -535,7 +647,7 @@ pub fn evaluate_global(training: &TrainingArgs, address: &str) -> anyhow::Result
 
 /// Runs the evaluate subcommand.
 pub fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
-    let (accuracy, version) = evaluate_global(&args.training, &args.server)?;
+    let (accuracy, version) = evaluate_global(&args.training, &args.transport)?;
     if let Some(path) = &args.training.metrics {
         let record = serde_json::json!({ "accuracy": accuracy, "version": version });
         write_json(path, &record).with_context(|| format!("failed to write {}", path.display()))?;

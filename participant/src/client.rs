@@ -11,7 +11,7 @@ use dssgd_common::sparse::{self, SparseSlice};
 use dssgd_proto::v1 as pb;
 use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
 
@@ -125,11 +125,13 @@ fn is_retryable(status: &Status) -> bool {
 }
 
 impl Client {
-    /// Creates a client for `address` (for example `http://127.0.0.1:50051`).
-    /// The connection is made lazily, so a server that is not up yet is
-    /// reached by the first call's retries.
+    /// Creates a client for `address`: `https://HOST:PORT` with `tls`, or
+    /// `http://HOST:PORT` (plaintext) without it. The connection is made
+    /// lazily, so a server that is not up yet is reached by the first call's
+    /// retries.
     pub fn new(
         address: &str,
+        tls: Option<ClientTlsConfig>,
         participant_id: &str,
         max_message_bytes: usize,
         retry: RetryPolicy,
@@ -138,10 +140,19 @@ impl Client {
             address: address.to_string(),
             reason,
         };
-        if !(address.starts_with("http://") || address.starts_with("https://")) {
+        let https = address.starts_with("https://");
+        if !(address.starts_with("http://") || https) {
             return Err(invalid("the scheme is missing".into()));
         }
-        let endpoint = Endpoint::from_shared(address.to_string())
+        if https != tls.is_some() {
+            return Err(invalid(match https {
+                true => "https needs TLS settings: give the federation's CA with --tls-ca".into(),
+                false => {
+                    "TLS settings are given but the address is plaintext http; use https://".into()
+                }
+            }));
+        }
+        let mut endpoint = Endpoint::from_shared(address.to_string())
             .map_err(|error| invalid(error.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -151,6 +162,11 @@ impl Client {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|error| invalid(format!("invalid TLS settings: {error}")))?;
+        }
         let inner = ParameterServerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);

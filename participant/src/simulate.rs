@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::Value;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::cli::{SharingArgs, TrainingArgs, parse_ordering};
+use crate::cli::{SharingArgs, TrainingArgs, TransportArgs, parse_ordering};
 use crate::data::ensure_mnist;
 use crate::metrics::significant;
 
@@ -222,9 +222,43 @@ fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> anyhow::Re
     })
 }
 
-/// Starts the server on an ephemeral loopback port and returns its address,
-/// read from the first line it prints.
-fn start_server(args: &SimulateArgs, logs: &Path) -> anyhow::Result<(Managed, String)> {
+/// Identifier of the client certificate that the simulation itself uses to
+/// watch the server's progress and to evaluate the global model. The
+/// evaluation joins under this identifier, as `evaluate` always does.
+const OBSERVER_ID: &str = crate::cli::EVALUATOR_ID;
+
+/// Generates the federation's certificates in `dir`: a CA, the server's
+/// certificate for 127.0.0.1, one client certificate per participant and
+/// one for the evaluator.
+fn generate_certificates(dir: &Path, participants: usize) -> anyhow::Result<()> {
+    let mut ids: Vec<String> = (0..participants)
+        .map(|index| format!("p{index:03}"))
+        .collect();
+    ids.push(OBSERVER_ID.into());
+    dssgd_server::tls::generate_federation(dir, &["127.0.0.1".into()], &ids, 30)?;
+    Ok(())
+}
+
+/// Transport settings of the client `id`: mutual TLS with the certificates
+/// in `tls_dir`.
+fn client_transport(address: &str, tls_dir: &Path, id: &str) -> TransportArgs {
+    TransportArgs {
+        server: address.to_string(),
+        tls_ca: Some(tls_dir.join("ca.pem")),
+        tls_cert: Some(tls_dir.join(format!("{id}.pem"))),
+        tls_key: Some(tls_dir.join(format!("{id}.key"))),
+        tls_domain: None,
+        insecure: false,
+    }
+}
+
+/// Starts the server with mutual TLS on an ephemeral loopback port and
+/// returns its `https://` address, read from the first line it prints.
+fn start_server(
+    args: &SimulateArgs,
+    logs: &Path,
+    tls_dir: &Path,
+) -> anyhow::Result<(Managed, String)> {
     let server_bin = match &args.server_bin {
         Some(path) => path.clone(),
         None => sibling_binary("dssgd-server")?,
@@ -238,6 +272,12 @@ fn start_server(args: &SimulateArgs, logs: &Path) -> anyhow::Result<(Managed, St
         args.lease_seconds.to_string(),
         "--model".into(),
         args.training.model.name().into(),
+        "--tls-cert".into(),
+        tls_dir.join("server.pem").display().to_string(),
+        "--tls-key".into(),
+        tls_dir.join("server.key").display().to_string(),
+        "--client-ca".into(),
+        tls_dir.join("ca.pem").display().to_string(),
     ];
     let mut server = spawn("server", &server_bin, &flags, logs)?;
     let stdout = server.child.stdout.take().expect("stdout is piped");
@@ -246,7 +286,7 @@ fn start_server(args: &SimulateArgs, logs: &Path) -> anyhow::Result<(Managed, St
     let Some(address) = line.trim().strip_prefix("listening on ") else {
         bail!("the server did not start; see {}", server.log.display());
     };
-    Ok((server, format!("http://{address}")))
+    Ok((server, format!("https://{address}")))
 }
 
 /// Runs the simulation and prints the comparison.
@@ -281,7 +321,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
             .with_context(|| format!("failed to create {}", ledgers.display()))?;
     }
 
-    let (server, address) = start_server(args, &logs)?;
+    let tls_dir = args.output.join("tls");
+    generate_certificates(&tls_dir, training.participants)?;
+    let (server, address) = start_server(args, &logs, &tls_dir)?;
     eprintln!("parameter server at {address}; logs in {}", logs.display());
 
     let mut participants = Vec::with_capacity(training.participants);
@@ -289,9 +331,8 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
         let mut flags = vec!["collaborate".to_string()];
         flags.extend(training_flags(training));
         flags.extend(sharing_flags(&args.sharing));
+        flags.extend(client_transport(&address, &tls_dir, &format!("p{index:03}")).flags());
         flags.extend([
-            "--server".into(),
-            address.clone(),
             "--index".into(),
             index.to_string(),
             "--metrics".into(),
@@ -338,8 +379,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
         baselines.push(spawn("centralized", &participant_bin, &flags, &logs)?);
     }
 
-    let status = wait_with_progress(args, &address, &mut participants, &mut baselines)?;
-    let (global_accuracy, version) = crate::cli::evaluate_global(training, &address)?;
+    let observer = client_transport(&address, &tls_dir, OBSERVER_ID);
+    let status = wait_with_progress(args, &observer, &mut participants, &mut baselines)?;
+    let (global_accuracy, version) = crate::cli::evaluate_global(training, &observer)?;
     drop(server);
 
     let mut summary = summarise(args, &results, started.elapsed())?;
@@ -364,7 +406,7 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
 /// exits with an error.
 fn wait_with_progress(
     args: &SimulateArgs,
-    address: &str,
+    observer: &TransportArgs,
     participants: &mut [Managed],
     baselines: &mut [Managed],
 ) -> anyhow::Result<Option<dssgd_proto::v1::StatusResponse>> {
@@ -383,7 +425,8 @@ fn wait_with_progress(
     let mut status_client = {
         let _guard = runtime.enter();
         crate::client::Client::new(
-            address,
+            &observer.server,
+            observer.client_tls()?,
             "simulate",
             crate::client::DEFAULT_MAX_MESSAGE_BYTES,
             crate::client::RetryPolicy {

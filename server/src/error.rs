@@ -63,6 +63,38 @@ pub enum ServerError {
         /// The server's version.
         current_version: u64,
     },
+    /// The upload builds on a version older than the staleness limit allows.
+    #[error(
+        "stale upload: base version {base_version} is {behind} versions behind the current version {current_version}, more than the limit of {max_staleness}; download the parameters again and train on them"
+    )]
+    StaleVersion {
+        /// Version the upload claims to build on.
+        base_version: u64,
+        /// The server's version.
+        current_version: u64,
+        /// Versions between the two.
+        behind: u64,
+        /// The configured limit (--max-staleness).
+        max_staleness: u64,
+    },
+    /// Too many calls are being served at once.
+    #[error(
+        "the server is overloaded: {limit} calls are already in progress (--max-concurrent-calls); retry after a short wait"
+    )]
+    Overloaded {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The participant uploads faster than its rate limit.
+    #[error(
+        "participant {participant:?} exceeded its rate limit of {rate} uploads per second (--max-uploads-per-second); retry after a short wait"
+    )]
+    RateLimited {
+        /// The participant.
+        participant: String,
+        /// The configured rate.
+        rate: f64,
+    },
     /// The participant never joined.
     #[error("unknown participant {0:?}: call Join first")]
     UnknownParticipant(String),
@@ -101,6 +133,22 @@ pub enum ServerError {
     /// The request does not apply to the configured ordering.
     #[error("turns are not used in the asynchronous ordering")]
     TurnsDisabled,
+    /// The server requires client certificates, and the connection carries
+    /// none that names a participant.
+    #[error(
+        "the connection has no client certificate with a common name; connect with the participant's certificate and key (--tls-cert, --tls-key)"
+    )]
+    MissingClientIdentity,
+    /// The client certificate names another participant than the request.
+    #[error(
+        "the client certificate is for participant {certificate:?}, but the request is for {participant:?}; a participant can act only under the identifier in its certificate"
+    )]
+    IdentityMismatch {
+        /// Common name of the client certificate.
+        certificate: String,
+        /// Participant identifier in the request.
+        participant: String,
+    },
     /// The change could not be stored durably, so it was not applied; a
     /// retry may succeed, for example after a restart of the server.
     #[error("the change was not applied because storing it failed: {0}")]
@@ -124,6 +172,9 @@ impl ServerError {
             ServerError::GammaTooLarge { .. } => "gamma_too_large",
             ServerError::ZeroUploadId => "zero_upload_id",
             ServerError::FutureVersion { .. } => "future_version",
+            ServerError::StaleVersion { .. } => "stale_version",
+            ServerError::Overloaded { .. } => "overloaded",
+            ServerError::RateLimited { .. } => "rate_limited",
             ServerError::UnknownParticipant(_) => "unknown_participant",
             ServerError::Uninitialized => "uninitialized",
             ServerError::MissingInitialParameters => "missing_initial_parameters",
@@ -131,6 +182,8 @@ impl ServerError {
             ServerError::LayoutMismatch { .. } => "layout_mismatch",
             ServerError::NoTurn { .. } => "no_turn",
             ServerError::TurnsDisabled => "turns_disabled",
+            ServerError::MissingClientIdentity => "missing_client_identity",
+            ServerError::IdentityMismatch { .. } => "identity_mismatch",
             ServerError::Storage(_) => "storage_failed",
         }
     }
@@ -153,7 +206,13 @@ impl ServerError {
             | ServerError::LayoutMismatch { .. }
             | ServerError::NoTurn { .. }
             | ServerError::TurnsDisabled => Code::FailedPrecondition,
+            ServerError::MissingClientIdentity => Code::Unauthenticated,
+            ServerError::IdentityMismatch { .. } => Code::PermissionDenied,
             ServerError::Storage(_) => Code::Unavailable,
+            ServerError::StaleVersion { .. } => Code::FailedPrecondition,
+            ServerError::Overloaded { .. } | ServerError::RateLimited { .. } => {
+                Code::ResourceExhausted
+            }
         }
     }
 }

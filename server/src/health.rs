@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use dssgd_proto::v1::parameter_server_server::ParameterServerServer;
 use tonic::server::NamedService;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
@@ -60,12 +60,21 @@ pub fn local_probe_address(listen: SocketAddr) -> String {
 /// Calls `grpc.health.v1.Health/Check` for `service` (empty for the whole
 /// server) on the server at `address` and returns the reported status name
 /// (`SERVING`, `NOT_SERVING`, `UNKNOWN` or `SERVICE_UNKNOWN`). Connecting
-/// and the call together must finish within `timeout`.
-pub async fn check(address: &str, service: &str, timeout: Duration) -> anyhow::Result<String> {
-    let endpoint = Endpoint::from_shared(address.to_string())
+/// and the call together must finish within `timeout`. An `https://`
+/// address is reached with `tls`.
+pub async fn check(
+    address: &str,
+    service: &str,
+    timeout: Duration,
+    tls: Option<ClientTlsConfig>,
+) -> anyhow::Result<String> {
+    let mut endpoint = Endpoint::from_shared(address.to_string())
         .map_err(|error| anyhow::anyhow!("invalid server address {address:?}: {error}"))?
         .connect_timeout(timeout)
         .timeout(timeout);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
     let call = async {
         let channel = endpoint.connect().await?;
         let request = HealthCheckRequest {
@@ -121,15 +130,15 @@ mod tests {
         );
         let timeout = Duration::from_secs(5);
         for name in ["", SERVICE_NAME] {
-            let status = check(&address, name, timeout).await.unwrap();
+            let status = check(&address, name, timeout, None).await.unwrap();
             assert_eq!(status, "SERVING", "service {name:?}");
         }
-        let unknown = check(&address, "other.Service", timeout).await;
+        let unknown = check(&address, "other.Service", timeout, None).await;
         assert!(unknown.is_err(), "an unknown service should fail the check");
 
         set_not_serving(&reporter).await;
         for name in ["", SERVICE_NAME] {
-            let status = check(&address, name, timeout).await.unwrap();
+            let status = check(&address, name, timeout, None).await.unwrap();
             assert_eq!(status, "NOT_SERVING", "service {name:?}");
         }
         server.abort();
@@ -143,7 +152,7 @@ mod tests {
             .unwrap()
             .port();
         let address = format!("http://127.0.0.1:{port}");
-        let error = check(&address, "", Duration::from_secs(2))
+        let error = check(&address, "", Duration::from_secs(2), None)
             .await
             .unwrap_err();
         assert!(error.to_string().contains(&address), "{error}");

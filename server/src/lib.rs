@@ -10,6 +10,8 @@
 //! - [`error`]: rejection reasons and their gRPC status codes.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`health`]: the standard gRPC health service and its client check.
+//! - [`tls`]: TLS settings, participant identities from client
+//!   certificates, and certificate generation.
 //!
 //! The server does not link libtorch. It learns the model from the first
 //! participant that joins, which sends the model's name, parameter count,
@@ -24,6 +26,7 @@ pub mod health;
 pub mod metrics;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod turns;
 
 use std::future::Future;
@@ -66,6 +69,23 @@ pub struct ServerConfig {
     /// Metrics the handler updates; share it with [`metrics::serve`] to
     /// expose them.
     pub metrics: Arc<metrics::Metrics>,
+    /// Maximum number of Join, DownloadParameters and UploadGradients calls
+    /// served at once; further calls are rejected with RESOURCE_EXHAUSTED,
+    /// which participants retry.
+    pub max_concurrent_calls: usize,
+    /// Uploads per second each participant may make (with a burst of the
+    /// same size, at least one); `None` sets no limit.
+    pub max_uploads_per_second: Option<f64>,
+    /// Largest accepted distance, in versions, between an upload's base
+    /// version and the current version; `None` accepts any.
+    pub max_staleness: Option<u64>,
+    /// TLS settings; `None` serves plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Whether each request must come over a connection whose client
+    /// certificate's common name is the request's participant identifier.
+    /// Set it together with a TLS configuration that requires client
+    /// certificates.
+    pub require_client_identity: bool,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +99,11 @@ impl Default for ServerConfig {
             expected_model: None,
             seed: 0,
             metrics: Arc::new(metrics::Metrics::new()),
+            max_concurrent_calls: 256,
+            max_uploads_per_second: None,
+            max_staleness: None,
+            tls: None,
+            require_client_identity: false,
         }
     }
 }
@@ -93,8 +118,11 @@ pub async fn run(
 ) -> Result<(), tonic::transport::Error> {
     let max_message_bytes = config.max_message_bytes;
     let address = listener.local_addr().ok();
+    let tls = config.tls.clone();
     info!(
         address = ?address,
+        tls = tls.is_some(),
+        client_certificates = config.require_client_identity,
         ordering = config.ordering.name(),
         lease_ms = config.lease.as_millis() as u64,
         max_message_bytes,
@@ -113,7 +141,11 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the compiled descriptor sets are valid");
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)

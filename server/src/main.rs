@@ -36,6 +36,24 @@ struct Args {
     #[arg(long, env = "DSSGD_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
 
+    /// Maximum number of joins, downloads and uploads served at once. Calls
+    /// beyond it are rejected with RESOURCE_EXHAUSTED, which participants
+    /// retry, so the memory held by requests stays bounded.
+    #[arg(long, env = "DSSGD_MAX_CONCURRENT_CALLS", default_value_t = 256)]
+    max_concurrent_calls: usize,
+
+    /// Uploads per second each participant may make, with a burst of the
+    /// same size (at least one); faster uploads are rejected with
+    /// RESOURCE_EXHAUSTED and retried. Default: no limit.
+    #[arg(long, env = "DSSGD_MAX_UPLOADS_PER_SECOND")]
+    max_uploads_per_second: Option<f64>,
+
+    /// Reject uploads whose base version is more than this many versions
+    /// behind the current version, with FAILED_PRECONDITION and the current
+    /// version in the message. Default: accept any base version.
+    #[arg(long, env = "DSSGD_MAX_STALENESS")]
+    max_staleness: Option<u64>,
+
     /// Largest bound gamma an upload may declare (default: any).
     #[arg(long, env = "DSSGD_MAX_GAMMA")]
     max_gamma: Option<f64>,
@@ -72,6 +90,27 @@ struct Args {
     #[arg(long, env = "DSSGD_SHUTDOWN_GRACE_SECONDS", default_value_t = 5.0)]
     shutdown_grace_seconds: f64,
 
+    /// PEM certificate chain of the server. With --tls-key, the server
+    /// serves TLS only. `dssgd-server certs` generates one.
+    #[arg(long, env = "DSSGD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DSSGD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates that sign the participants' certificates. Every
+    /// client must then present a certificate signed by them (mutual TLS),
+    /// and may act only as the participant named by its common name.
+    #[arg(long, env = "DSSGD_CLIENT_CA")]
+    client_ca: Option<PathBuf>,
+
+    /// Serve plaintext gRPC without TLS. Anyone on the network path can then
+    /// read and alter uploads and act as any participant: use it only on a
+    /// trusted network, such as loopback or a private container network.
+    #[arg(long, env = "DSSGD_INSECURE")]
+    insecure: bool,
+
     /// Serve Prometheus metrics at http://ADDRESS/metrics (for example
     /// 127.0.0.1:9090); off unless set.
     #[arg(long, env = "DSSGD_METRICS_LISTEN")]
@@ -88,6 +127,37 @@ enum Command {
     /// service (grpc.health.v1.Health/Check). Prints the status and exits 0
     /// when it is SERVING, 1 otherwise. Container health checks run this.
     Health(HealthArgs),
+    /// Generate a CA, a server certificate and one client certificate per
+    /// participant for a mutual-TLS federation, as PEM files. Keys are
+    /// written readable by the owner only; an existing CA in --out is
+    /// reused, so participants can be added later.
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CertsArgs {
+    /// Directory for the files (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+
+    /// DNS name or IP address the server is reached under; repeat for
+    /// several. The first is the certificate's common name.
+    #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+    server_names: Vec<String>,
+
+    /// Participant identifier to make a client certificate for; repeat for
+    /// several.
+    #[arg(long = "participant")]
+    participants: Vec<String>,
+
+    /// Also make client certificates for p000 to p{N-1}, the identifiers
+    /// that participants started with --index take.
+    #[arg(long, default_value_t = 0)]
+    participant_count: usize,
+
+    /// Validity of every certificate, in days.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +174,24 @@ struct HealthArgs {
     /// Time limit of the check, connecting included, in seconds.
     #[arg(long, default_value_t = 5.0)]
     timeout_seconds: f64,
+
+    /// PEM CA certificate to verify a TLS server with; the default address
+    /// then uses https.
+    #[arg(long, env = "DSSGD_HEALTH_CA")]
+    ca: Option<PathBuf>,
+
+    /// PEM client certificate, for a server that requires one.
+    #[arg(long, env = "DSSGD_HEALTH_CERT")]
+    cert: Option<PathBuf>,
+
+    /// PEM private key of --cert.
+    #[arg(long, env = "DSSGD_HEALTH_KEY")]
+    key: Option<PathBuf>,
+
+    /// Name to verify the server's certificate against (default: the host
+    /// of the address).
+    #[arg(long, env = "DSSGD_HEALTH_DOMAIN")]
+    domain: Option<String>,
 }
 
 fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
@@ -122,7 +210,26 @@ fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
         "invalid max-message-bytes {}: expected at least 1024",
         args.max_message_bytes
     );
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&args.max_concurrent_calls),
+        "invalid max-concurrent-calls {}: expected 1 to 1000000",
+        args.max_concurrent_calls
+    );
+    if let Some(rate) = args.max_uploads_per_second {
+        check_positive("max-uploads-per-second", rate)?;
+    }
+    if args.max_staleness == Some(0) {
+        anyhow::bail!(
+            "invalid max-staleness 0: expected at least 1 (leave it unset to accept any base version)"
+        );
+    }
+    let tls = tls_from(args)?;
     Ok(ServerConfig {
+        max_concurrent_calls: args.max_concurrent_calls,
+        max_uploads_per_second: args.max_uploads_per_second,
+        max_staleness: args.max_staleness,
+        tls,
+        require_client_identity: args.client_ca.is_some(),
         ordering: args.ordering,
         lease: Duration::from_secs_f64(lease),
         max_message_bytes: args.max_message_bytes,
@@ -131,6 +238,79 @@ fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
         seed: args.seed,
         ..ServerConfig::default()
     })
+}
+
+/// Checks the transport flags and reads the TLS files.
+fn tls_from(args: &Args) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        (None, None) => {
+            anyhow::ensure!(
+                args.client_ca.is_none(),
+                "--client-ca requires TLS: set --tls-cert and --tls-key as well"
+            );
+            anyhow::ensure!(
+                args.insecure,
+                "no TLS certificate given: set --tls-cert and --tls-key (and --client-ca for mutual TLS; `dssgd-server certs` generates them), or pass --insecure to serve plaintext on a trusted network"
+            );
+            warn!(
+                "serving plaintext gRPC (--insecure): anyone on the network path can read and alter uploads and act as any participant; use it only on a trusted network"
+            );
+            return Ok(None);
+        }
+        (Some(_), None) => anyhow::bail!("--tls-cert is set but --tls-key is missing"),
+        (None, Some(_)) => anyhow::bail!("--tls-key is set but --tls-cert is missing"),
+    };
+    anyhow::ensure!(
+        !args.insecure,
+        "--insecure conflicts with --tls-cert: drop --insecure to serve TLS"
+    );
+    if args.client_ca.is_none() {
+        warn!(
+            "TLS without --client-ca: clients are not authenticated, so any client that reaches the port can act as any participant; set --client-ca for mutual TLS"
+        );
+    }
+    let files = dssgd_server::tls::TlsFiles {
+        cert,
+        key,
+        client_ca: args.client_ca.clone(),
+    };
+    Ok(Some(dssgd_server::tls::server_config(&files)?))
+}
+
+/// Runs the certs subcommand.
+fn generate_certs(certs: &CertsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        certs.days >= 1,
+        "invalid days {}: expected at least 1",
+        certs.days
+    );
+    anyhow::ensure!(
+        !certs.server_names.is_empty(),
+        "no --server-name given: name the host or IP address participants connect to"
+    );
+    let mut participants = certs.participants.clone();
+    participants.extend((0..certs.participant_count).map(|index| format!("p{index:03}")));
+    for id in &participants {
+        dssgd_common::config::check_participant_id(id)?;
+    }
+    let files = dssgd_server::tls::generate_federation(
+        &certs.out,
+        &certs.server_names,
+        &participants,
+        certs.days,
+    )?;
+    println!("CA certificate       {}", files.ca_cert.display());
+    println!("CA key (keep secret) {}", files.ca_key.display());
+    println!(
+        "server               {} {}",
+        files.server.0.display(),
+        files.server.1.display()
+    );
+    for (id, cert, key) in &files.participants {
+        println!("participant {id:<8} {} {}", cert.display(), key.display());
+    }
+    Ok(())
 }
 
 fn init_logging(json: bool) {
@@ -158,8 +338,16 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    if let Some(Command::Health(health)) = &args.command {
-        std::process::exit(check_health(&args, health).await);
+    match &args.command {
+        Some(Command::Health(health)) => std::process::exit(check_health(&args, health).await),
+        Some(Command::Certs(certs)) => {
+            if let Err(error) = generate_certs(certs) {
+                eprintln!("dssgd-server: error: {error:#}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        None => {}
     }
     init_logging(args.log_json);
     if let Err(error) = serve(&args).await {
@@ -170,10 +358,45 @@ async fn main() {
 
 /// Runs the health subcommand and returns the process exit code.
 async fn check_health(args: &Args, health: &HealthArgs) -> i32 {
-    let address = health
-        .addr
-        .clone()
-        .unwrap_or_else(|| dssgd_server::health::local_probe_address(args.listen));
+    let mut files = dssgd_server::tls::ClientTlsFiles {
+        ca: health.ca.clone(),
+        cert: health.cert.clone(),
+        key: health.key.clone(),
+        domain: health.domain.clone(),
+    };
+    // A probe of the local TLS server trusts its client CA and presents the
+    // server's own certificate, unless told otherwise.
+    if health.addr.is_none() && !files.is_set() && args.tls_cert.is_some() {
+        let Some(client_ca) = &args.client_ca else {
+            eprintln!(
+                "dssgd-server: error: the local server serves TLS without --client-ca, so the probe does not know which CA to trust; pass --ca"
+            );
+            return 1;
+        };
+        files = dssgd_server::tls::ClientTlsFiles {
+            ca: Some(client_ca.clone()),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+            domain: None,
+        };
+    }
+    let address = health.addr.clone().unwrap_or_else(|| {
+        let plain = dssgd_server::health::local_probe_address(args.listen);
+        match files.is_set() {
+            true => plain.replacen("http://", "https://", 1),
+            false => plain,
+        }
+    });
+    let tls = match files.is_set() {
+        true => match dssgd_server::tls::client_config(&files) {
+            Ok(tls) => Some(tls),
+            Err(error) => {
+                eprintln!("dssgd-server: error: {error}");
+                return 1;
+            }
+        },
+        false => None,
+    };
     let timeout = match check_positive("timeout-seconds", health.timeout_seconds) {
         Ok(seconds) => Duration::from_secs_f64(seconds),
         Err(error) => {
@@ -181,7 +404,7 @@ async fn check_health(args: &Args, health: &HealthArgs) -> i32 {
             return 1;
         }
     };
-    match dssgd_server::health::check(&address, &health.service, timeout).await {
+    match dssgd_server::health::check(&address, &health.service, timeout, tls).await {
         Ok(status) if status == "SERVING" => {
             println!("{status}");
             0

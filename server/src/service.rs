@@ -1,7 +1,9 @@
 //! The gRPC service: converts protobuf messages into domain types,
 //! validates them, and calls the store and the turn coordinator.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use dssgd_common::config::{
     Ordering, check_non_negative, check_participant_id, check_positive, check_unit_closed,
@@ -11,6 +13,8 @@ use dssgd_common::select::fraction_count;
 use dssgd_common::sparse::{self, SparseSlice};
 use dssgd_proto::v1 as pb;
 use dssgd_proto::v1::parameter_server_server::ParameterServer;
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -27,6 +31,34 @@ pub struct Service {
     turns: Arc<Turns>,
     config: Arc<ServerConfig>,
     metrics: Arc<Metrics>,
+    /// Permits of the calls that run on the blocking pool.
+    calls: Arc<Semaphore>,
+    /// Upload rate buckets of the joined participants.
+    rates: Arc<Mutex<HashMap<String, TokenBucket>>>,
+}
+
+/// A token bucket: `rate` tokens per second up to `rate` (at least one),
+/// one token per upload.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    /// Takes a token if one is available at `now`.
+    fn take(&mut self, rate: f64, now: Instant) -> bool {
+        let burst = rate.max(1.0);
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.updated = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Service {
@@ -38,11 +70,15 @@ impl Service {
             turns.register(&participant);
         }
         let metrics = Arc::clone(&config.metrics);
+        store.set_max_staleness(config.max_staleness);
+        let calls = Arc::new(Semaphore::new(config.max_concurrent_calls.max(1)));
         Self {
             store,
             turns: Arc::new(turns),
             config: Arc::new(config),
             metrics,
+            calls,
+            rates: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -126,6 +162,7 @@ impl Service {
     fn upload(&self, request: pb::UploadRequest) -> Result<pb::UploadResponse, ServerError> {
         let participant = request.participant_id.clone();
         self.check_registered(&participant)?;
+        self.check_rate(&participant)?;
         let model = self.store.model().ok_or(ServerError::Uninitialized)?;
         if request.layout_hash != model.layout_hash {
             return Err(ServerError::LayoutMismatch {
@@ -199,6 +236,71 @@ impl Service {
             version: outcome.version,
             applied: outcome.applied,
         })
+    }
+
+    /// Takes one upload token of the joined `participant`, when uploads are
+    /// rate limited. Only joined participants get a bucket, so the map is
+    /// bounded by the number of participants.
+    fn check_rate(&self, participant: &str) -> Result<(), ServerError> {
+        let Some(rate) = self.config.max_uploads_per_second else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut rates = self.rates.lock();
+        let bucket = rates
+            .entry(participant.to_string())
+            .or_insert_with(|| TokenBucket {
+                tokens: rate.max(1.0),
+                updated: now,
+            });
+        if bucket.take(rate, now) {
+            Ok(())
+        } else {
+            Err(ServerError::RateLimited {
+                participant: participant.to_string(),
+                rate,
+            })
+        }
+    }
+
+    /// Checks that `request` came over a connection whose client
+    /// certificate names `participant`, when the server requires client
+    /// identities.
+    fn check_identity<T>(
+        &self,
+        request: &Request<T>,
+        participant: &str,
+    ) -> Result<(), ServerError> {
+        if !self.config.require_client_identity {
+            return Ok(());
+        }
+        let certificate = request
+            .peer_certs()
+            .and_then(|chain| chain.first().and_then(|leaf| crate::tls::common_name(leaf)))
+            .ok_or(ServerError::MissingClientIdentity)?;
+        if certificate == participant {
+            Ok(())
+        } else {
+            Err(ServerError::IdentityMismatch {
+                certificate,
+                participant: participant.to_string(),
+            })
+        }
+    }
+
+    /// Rejects `request` through [`finish`] unless its connection's identity
+    /// is `participant`.
+    fn authorize<T>(
+        &self,
+        rpc: &'static str,
+        request: &Request<T>,
+        participant: &str,
+    ) -> Result<(), Status> {
+        let checked = self.check_identity(request, participant);
+        if checked.is_err() {
+            finish(&self.metrics, rpc, participant, checked)?;
+        }
+        Ok(())
     }
 
     fn check_registered(&self, participant: &str) -> Result<(), ServerError> {
@@ -282,6 +384,8 @@ fn to_proto_ordering(ordering: Ordering) -> pb::Ordering {
 /// reactor threads, and converts its rejection into a logged status.
 async fn off_reactor<T, F>(
     metrics: &Metrics,
+    calls: &Arc<Semaphore>,
+    limit: usize,
     rpc: &'static str,
     participant: String,
     handler: F,
@@ -290,9 +394,18 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, ServerError> + Send + 'static,
 {
-    let result = tokio::task::spawn_blocking(handler)
-        .await
-        .map_err(|error| Status::internal(format!("{rpc} task failed: {error}")))?;
+    // A call over the limit is rejected at once instead of queueing, so the
+    // memory held by waiting requests stays bounded.
+    let Ok(permit) = Arc::clone(calls).try_acquire_owned() else {
+        let overloaded = Err(ServerError::Overloaded { limit });
+        return finish(metrics, rpc, &participant, overloaded).map(Response::new);
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        handler()
+    })
+    .await
+    .map_err(|error| Status::internal(format!("{rpc} task failed: {error}")))?;
     finish(metrics, rpc, &participant, result).map(Response::new)
 }
 
@@ -318,12 +431,18 @@ impl ParameterServer for Service {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        self.authorize("Join", &request, &request.get_ref().participant_id)?;
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        off_reactor(&self.metrics, "Join", participant, move || {
-            service.join(request)
-        })
+        off_reactor(
+            &self.metrics,
+            &self.calls,
+            self.config.max_concurrent_calls,
+            "Join",
+            participant,
+            move || service.join(request),
+        )
         .await
     }
 
@@ -331,11 +450,18 @@ impl ParameterServer for Service {
         &self,
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<pb::DownloadResponse>, Status> {
+        self.authorize(
+            "DownloadParameters",
+            &request,
+            &request.get_ref().participant_id,
+        )?;
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
         off_reactor(
             &self.metrics,
+            &self.calls,
+            self.config.max_concurrent_calls,
             "DownloadParameters",
             participant,
             move || service.download(request),
@@ -347,12 +473,22 @@ impl ParameterServer for Service {
         &self,
         request: Request<pb::UploadRequest>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
+        self.authorize(
+            "UploadGradients",
+            &request,
+            &request.get_ref().participant_id,
+        )?;
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        off_reactor(&self.metrics, "UploadGradients", participant, move || {
-            service.upload(request)
-        })
+        off_reactor(
+            &self.metrics,
+            &self.calls,
+            self.config.max_concurrent_calls,
+            "UploadGradients",
+            participant,
+            move || service.upload(request),
+        )
         .await
     }
 
@@ -360,6 +496,7 @@ impl ParameterServer for Service {
         &self,
         request: Request<pb::TurnRequest>,
     ) -> Result<Response<pb::TurnResponse>, Status> {
+        self.authorize("AcquireTurn", &request, &request.get_ref().participant_id)?;
         let participant = request.into_inner().participant_id;
         let grant = match self.check_registered(&participant) {
             Ok(()) => {
@@ -388,6 +525,7 @@ impl ParameterServer for Service {
         &self,
         request: Request<pb::TurnLease>,
     ) -> Result<Response<pb::TurnResponse>, Status> {
+        self.authorize("RenewTurn", &request, &request.get_ref().participant_id)?;
         let lease = request.into_inner();
         let grant = self.turns.renew(&lease.participant_id, &lease.token);
         let grant = finish(&self.metrics, "RenewTurn", &lease.participant_id, grant)?;
@@ -402,6 +540,7 @@ impl ParameterServer for Service {
         &self,
         request: Request<pb::TurnLease>,
     ) -> Result<Response<pb::ReleaseTurnResponse>, Status> {
+        self.authorize("ReleaseTurn", &request, &request.get_ref().participant_id)?;
         let lease = request.into_inner();
         let released = self.turns.release(&lease.participant_id, &lease.token);
         finish(
@@ -419,5 +558,69 @@ impl ParameterServer for Service {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(self.status()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join_request() -> pb::JoinRequest {
+        pb::JoinRequest {
+            participant_id: "p1".into(),
+            model: Some(pb::ModelInfo {
+                name: "toy".into(),
+                parameter_count: 4,
+                layout_hash: "abc".into(),
+            }),
+            initial_parameters: Some(pb::SparseSlice {
+                indices: Vec::new(),
+                values: sparse::encode_values(&[0.0; 4]),
+                dense: true,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn call_over_concurrency_limit_is_rejected() {
+        let config = ServerConfig {
+            max_concurrent_calls: 1,
+            ..ServerConfig::default()
+        };
+        let service = Service::new(Arc::new(Store::new()), config);
+        let held = Arc::clone(&service.calls)
+            .try_acquire_owned()
+            .expect("the only permit is free");
+        let status = ParameterServer::join(&service, Request::new(join_request()))
+            .await
+            .expect_err("a call over the limit must be rejected");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("1 calls"), "{}", status.message());
+        assert_eq!(
+            service.store.model(),
+            None,
+            "the rejected join changed the state"
+        );
+
+        drop(held);
+        let joined = ParameterServer::join(&service, Request::new(join_request()))
+            .await
+            .expect("the join should succeed once the permit is free");
+        assert!(joined.into_inner().initialized_parameters);
+    }
+
+    #[test]
+    fn token_bucket_refills_at_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket {
+            tokens: 2.0,
+            updated: start,
+        };
+        assert!(bucket.take(2.0, start), "first token of the burst");
+        assert!(bucket.take(2.0, start), "second token of the burst");
+        assert!(!bucket.take(2.0, start), "burst exhausted");
+        let later = start + std::time::Duration::from_millis(500);
+        assert!(bucket.take(2.0, later), "one token after half a second");
+        assert!(!bucket.take(2.0, later), "only one token refilled");
     }
 }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use dssgd_common::config::Ordering;
 use dssgd_common::select::{fraction_count, top_k_by_key};
@@ -100,6 +101,9 @@ pub struct Download {
 pub struct Store {
     inner: RwLock<Inner>,
     persistence: Mutex<Persistence>,
+    /// Largest accepted distance between an upload's base version and the
+    /// current version; 0 means no limit.
+    max_staleness: AtomicU64,
 }
 
 /// Where the store keeps its state besides memory.
@@ -196,8 +200,18 @@ impl Store {
         let store = Self {
             inner: RwLock::new(inner),
             persistence: Mutex::new(Persistence::Durable(durable)),
+            max_staleness: AtomicU64::new(0),
         };
         Ok((store, report))
+    }
+
+    /// Rejects uploads whose base version is more than `max` versions behind
+    /// the current version; `None` (the default) and `Some(0)` accept any
+    /// base version. A repeated upload id is acknowledged as before, however
+    /// stale.
+    pub fn set_max_staleness(&self, max: Option<u64>) {
+        self.max_staleness
+            .store(max.unwrap_or(0), AtomicOrdering::Relaxed);
     }
 
     /// Whether the state survives a restart.
@@ -311,6 +325,16 @@ impl Store {
             return Ok(ApplyOutcome {
                 version,
                 applied: false,
+            });
+        }
+        let max_staleness = self.max_staleness.load(AtomicOrdering::Relaxed);
+        let behind = version - upload.base_version;
+        if max_staleness > 0 && behind > max_staleness {
+            return Err(ServerError::StaleVersion {
+                base_version: upload.base_version,
+                current_version: version,
+                behind,
+                max_staleness,
             });
         }
         let mut record = record.clone();

@@ -123,8 +123,9 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Starts `dssgd-server` on an ephemeral loopback port with `extra` flags;
-/// returns the guard and the `http://` address.
+/// Starts `dssgd-server` in plaintext (`--insecure`) on an ephemeral
+/// loopback port with `extra` flags; returns the guard and the `http://`
+/// address.
 pub fn start_server(extra: &[&str], log: &PathBuf) -> (ChildGuard, String) {
     start_server_with("127.0.0.1:0", extra, log)
 }
@@ -135,7 +136,12 @@ pub fn start_server_at(listen: &str, log: &PathBuf) -> (ChildGuard, String) {
 }
 
 fn start_server_with(listen: &str, extra: &[&str], log: &PathBuf) -> (ChildGuard, String) {
-    let mut args = vec!["--listen".to_string(), listen.to_string()];
+    // Plaintext on loopback; the TLS tests start their servers themselves.
+    let mut args = vec![
+        "--listen".to_string(),
+        listen.to_string(),
+        "--insecure".to_string(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut server = ChildGuard::spawn("server", &binary("dssgd-server"), &args, log);
     let line = server.first_line();

@@ -399,7 +399,7 @@ fn corrupt_state_stops_server_unchanged() {
 
     let log = dir.path().join("server.log");
     let output = std::process::Command::new(dssgd_tests::binary("dssgd-server"))
-        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .args(["--listen", "127.0.0.1:0", "--insecure", "--state-dir"])
         .arg(&state)
         .stderr(std::fs::File::create(&log).expect("the log should be creatable"))
         .output()

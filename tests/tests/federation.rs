@@ -34,6 +34,7 @@ fn participant(index: usize, server: &str, dir: &Path, epochs: usize) -> ChildGu
         [
             "--gamma",
             "0.002",
+            "--insecure",
             "--server",
             server,
             "--index",
@@ -102,7 +103,7 @@ fn collaboration_beats_standalone_mean() {
     let global = run_tool(
         "evaluate",
         dir.path(),
-        &["--server".into(), address.clone()],
+        &["--insecure".into(), "--server".into(), address.clone()],
     );
     let standalone = run_tool("standalone", dir.path(), &[]);
     let collaborative = global["accuracy"].as_f64().unwrap();

@@ -27,10 +27,16 @@ fn scrape(address: &str) -> String {
 #[test]
 fn metrics_endpoint_reports_uploads_spend_and_rejections() {
     let dir = tempfile::tempdir().unwrap();
-    let args: Vec<String> = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let mut server = ChildGuard::spawn(
         "server",
         &binary("dssgd-server"),
@@ -56,6 +62,7 @@ fn metrics_endpoint_reports_uploads_spend_and_rejections() {
         "cpu",
         "--epsilon",
         "0.5",
+        "--insecure",
         "--server",
         &grpc,
         "--index",

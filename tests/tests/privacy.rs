@@ -34,6 +34,7 @@ fn private_participant(
         "cpu",
         "--gamma",
         "0.002",
+        "--insecure",
         "--server",
         server,
         "--index",

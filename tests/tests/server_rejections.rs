@@ -1313,3 +1313,72 @@ async fn model_above_4_mib_round_trips() {
     assert_eq!(status.total_updates, count, "total_updates");
     server.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------
+// Staleness and rate limits
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn stale_upload_is_rejected() {
+    let config = ServerConfig {
+        max_staleness: Some(2),
+        ..ServerConfig::default()
+    };
+    let mut server = TestServer::start_joined(config).await;
+    // Uploads built on version 0 are 0, 1 and 2 versions behind.
+    for upload_id in 1..=3 {
+        let request = upload_request(upload_id, sparse_slice(&[upload_id as u32], &[0.01]));
+        let response = server
+            .upload(request)
+            .await
+            .unwrap_or_else(|status| panic!("upload {upload_id} failed: {status:?}"));
+        assert!(response.applied, "upload {upload_id} was not applied");
+    }
+    let stale = upload_request(4, sparse_slice(&[4], &[0.01]));
+    assert_upload_rejected(
+        &mut server,
+        "3 versions behind a limit of 2",
+        stale.clone(),
+        Code::FailedPrecondition,
+        &["base version 0", "current version 3", "limit of 2"],
+    )
+    .await;
+    // A retry of an applied upload id is acknowledged, however stale.
+    let retry = server
+        .upload(upload_request(3, sparse_slice(&[3], &[0.01])))
+        .await
+        .expect("a retried upload id should be acknowledged");
+    assert!(!retry.applied, "the retried upload was applied again");
+    // The same upload on a fresh base version is applied.
+    let fresh = pb::UploadRequest {
+        base_version: 3,
+        ..stale
+    };
+    let response = server
+        .upload(fresh)
+        .await
+        .expect("an up-to-date upload should be applied");
+    assert!(response.applied, "the up-to-date upload was not applied");
+    assert_eq!(response.version, 4, "version after the up-to-date upload");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn upload_over_rate_limit_is_rejected() {
+    let config = ServerConfig {
+        max_uploads_per_second: Some(0.5),
+        ..ServerConfig::default()
+    };
+    let mut server = TestServer::start_joined(config).await;
+    assert_valid_upload_applies(&mut server).await;
+    let second = upload_request(2, sparse_slice(&[9], &[0.01]));
+    assert_upload_rejected(
+        &mut server,
+        "second upload within two seconds at 0.5 per second",
+        second,
+        Code::ResourceExhausted,
+        &["\"p1\"", "0.5 uploads per second"],
+    )
+    .await;
+    server.shutdown().await;
+}
