@@ -1,5 +1,7 @@
 //! Settings shared by the server and the participants, with their checks.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -73,6 +75,17 @@ pub enum ConfigError {
         /// The rejected value.
         value: f64,
     },
+    /// A duration in seconds outside the range a setting accepts.
+    #[error(
+        "invalid {name} {}: expected a number of seconds from {MIN_SECONDS} to {MAX_SECONDS} (one year)",
+        short_number(*value)
+    )]
+    Seconds {
+        /// Name of the setting.
+        name: &'static str,
+        /// The rejected value.
+        value: f64,
+    },
     /// An ordering name that is not one of the three.
     #[error("unknown ordering {0:?}: expected asynchronous, round-robin or random-order")]
     UnknownOrdering(String),
@@ -116,6 +129,32 @@ pub fn check_positive(name: &'static str, value: f64) -> Result<f64, ConfigError
         Ok(value)
     } else {
         Err(ConfigError::NotPositive { name, value })
+    }
+}
+
+/// Formats `value` as written for ordinary magnitudes and in exponent form
+/// for huge or tiny ones, so a message never spells out 300 digits.
+fn short_number(value: f64) -> String {
+    if value == 0.0 || !value.is_finite() || (1e-4..1e9).contains(&value.abs()) {
+        value.to_string()
+    } else {
+        format!("{value:e}")
+    }
+}
+
+/// Shortest duration a seconds setting accepts: 1 ms.
+pub const MIN_SECONDS: f64 = 0.001;
+
+/// Longest duration a seconds setting accepts: one year.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Checks that `value` is a number of seconds from [`MIN_SECONDS`] to
+/// [`MAX_SECONDS`] and converts it (leases, timeouts, grace periods).
+pub fn check_seconds(name: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    if (MIN_SECONDS..=MAX_SECONDS).contains(&value) {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::Seconds { name, value })
     }
 }
 
@@ -164,6 +203,18 @@ mod tests {
         assert!(check_positive("gamma", 0.01).is_ok());
         assert!(check_non_negative("tau", 0.0).is_ok());
         assert!(check_non_negative("tau", -1e-9).is_err());
+        for bad in [0.0, 1e-300, -1.0, 1e300, f64::NAN, f64::INFINITY] {
+            let error = check_seconds("lease-seconds", bad).unwrap_err().to_string();
+            assert!(error.contains("lease-seconds"), "{error}");
+        }
+        let huge = check_seconds("lease-seconds", 1e300)
+            .unwrap_err()
+            .to_string();
+        assert!(huge.contains("1e300"), "{huge}");
+        assert_eq!(
+            check_seconds("lease-seconds", 2.5).unwrap(),
+            Duration::from_millis(2500)
+        );
     }
 
     #[test]

@@ -496,7 +496,7 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
             training.participants
         );
     }
-    check_positive("retry-seconds", args.retry_seconds)?;
+    let give_up_after = dssgd_common::config::check_seconds("retry-seconds", args.retry_seconds)?;
     let participant_id = args
         .participant_id
         .clone()
@@ -509,7 +509,7 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
         .build()
         .context("failed to start the async runtime")?;
     let retry = RetryPolicy {
-        give_up_after: std::time::Duration::from_secs_f64(args.retry_seconds),
+        give_up_after,
         ..RetryPolicy::default()
     };
     let mut client = {

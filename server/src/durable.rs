@@ -91,12 +91,41 @@ impl Default for DurableOptions {
 #[derive(Debug, Error)]
 pub enum StateError {
     /// The state directory cannot be created or read.
-    #[error("failed to use the state directory {path}: {source}")]
+    #[error("failed to use the state directory {path}: {error}")]
     Directory {
         /// The directory.
         path: PathBuf,
         /// The operating system's error.
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// The state path exists but is not a directory.
+    #[error(
+        "the state directory {path} exists but is not a directory; pass a directory to --state-dir"
+    )]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The database file exists but cannot be opened, so its content was
+    /// not examined.
+    #[error(
+        "failed to open the state database {path}: {error}. The file was not examined: check that the server's user may read and write it and its directory, and that the file system is not mounted read-only"
+    )]
+    Access {
+        /// The database file.
+        path: PathBuf,
+        /// The operating system's error.
+        error: std::io::Error,
+    },
+    /// The database path is a symbolic link whose target is missing.
+    #[error(
+        "the state database {path} is a symbolic link to {target}, which does not exist; mount or restore the target, or remove the link to start a new federation"
+    )]
+    DanglingLink {
+        /// The database file.
+        path: PathBuf,
+        /// Where the link points.
+        target: PathBuf,
     },
     /// Another process has the database open.
     #[error(
@@ -163,6 +192,10 @@ pub struct Restored {
 #[derive(Debug)]
 pub struct DurableState {
     path: PathBuf,
+    /// `state.lock` in the state directory, locked exclusively while this
+    /// state is open, so that two servers never open or create the same
+    /// database.
+    _lock: std::fs::File,
     /// `None` once closed.
     db: Option<Database>,
     options: DurableOptions,
@@ -184,12 +217,31 @@ impl DurableState {
         ordering: Ordering,
         options: DurableOptions,
     ) -> Result<(Self, Restored, bool), StateError> {
-        std::fs::create_dir_all(dir).map_err(|source| StateError::Directory {
+        if dir.exists() && !dir.is_dir() {
+            return Err(StateError::NotADirectory {
+                path: dir.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|error| StateError::Directory {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         let path = dir.join(DATABASE_FILE);
+        let lock = lock_directory(dir, &path)?;
+        if let Ok(link) = std::fs::symlink_metadata(&path)
+            && link.file_type().is_symlink()
+            && !path.exists()
+        {
+            let target = std::fs::read_link(&path).unwrap_or_default();
+            return Err(StateError::DanglingLink { path, target });
+        }
         let created = match std::fs::metadata(&path) {
+            Ok(metadata) if metadata.is_dir() => {
+                return Err(StateError::Access {
+                    path,
+                    error: std::io::Error::other("it is a directory, not a database file"),
+                });
+            }
             Ok(metadata) if metadata.len() == 0 => {
                 return Err(corrupt(&path, "the file is empty"));
             }
@@ -198,7 +250,7 @@ impl DurableState {
                 create(&path, ordering)?;
                 true
             }
-            Err(error) => return Err(corrupt(&path, error)),
+            Err(error) => return Err(StateError::Access { path, error }),
         };
         let verified = verify_and_read(&path)?;
         if verified.ordering != ordering.name() {
@@ -217,6 +269,7 @@ impl DurableState {
         })?;
         let state = Self {
             path,
+            _lock: lock,
             db: Some(db),
             options,
             parameter_count: verified.restored.parameters.len(),
@@ -351,6 +404,28 @@ impl DurableState {
     }
 }
 
+/// Takes the exclusive lock of the state directory, or reports that another
+/// server holds it.
+fn lock_directory(dir: &Path, database: &Path) -> Result<std::fs::File, StateError> {
+    let path = dir.join("state.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|error| StateError::Directory {
+            path: path.clone(),
+            error,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StateError::InUse {
+            path: database.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(error)) => Err(StateError::Directory { path, error }),
+    }
+}
+
 fn corrupt(path: &Path, detail: impl std::fmt::Display) -> StateError {
     StateError::Corrupt {
         path: path.to_path_buf(),
@@ -370,7 +445,7 @@ fn create(path: &Path, ordering: Ordering) -> Result<(), StateError> {
     let temporary = path.with_extension("redb.new");
     let failed = |detail: String| StateError::Directory {
         path: temporary.clone(),
-        source: std::io::Error::other(detail),
+        error: std::io::Error::other(detail),
     };
     match std::fs::remove_file(&temporary) {
         Err(error) if error.kind() != ErrorKind::NotFound => return Err(failed(error.to_string())),
@@ -424,7 +499,10 @@ fn verify_and_read(path: &Path) -> Result<Verified, StateError> {
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|error| corrupt(path, error))?;
+        .map_err(|error| StateError::Access {
+            path: path.to_path_buf(),
+            error,
+        })?;
     let backend = scratch::ScratchBackend::new(file).map_err(|error| corrupt(path, error))?;
     // redb returns errors rather than panicking on a damaged file when it
     // checks integrity on open. The catch is a second line of defence, so
@@ -953,6 +1031,52 @@ mod tests {
         assert_rejected_unchanged(dir.path(), &bytes[..bytes.len() / 2]);
         assert_rejected_unchanged(dir.path(), &[]);
         assert_rejected_unchanged(dir.path(), b"not a database");
+    }
+
+    #[test]
+    fn dangling_link_is_reported_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DATABASE_FILE);
+        let target = dir.path().join("unmounted/state.redb");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let error = Store::open_durable(
+            dir.path(),
+            Ordering::Asynchronous,
+            DurableOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(error, StateError::DanglingLink { .. }), "{error}");
+        assert!(error.to_string().contains("unmounted"), "{error}");
+        assert_eq!(
+            std::fs::read_link(&path).unwrap(),
+            target,
+            "the link was changed"
+        );
+    }
+
+    #[test]
+    fn directory_as_database_is_an_access_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(DATABASE_FILE)).unwrap();
+        let error = Store::open_durable(
+            dir.path(),
+            Ordering::Asynchronous,
+            DurableOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(error, StateError::Access { .. }), "{error}");
+        assert!(error.to_string().contains("not a database file"), "{error}");
+    }
+
+    #[test]
+    fn file_as_state_directory_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("afile");
+        std::fs::write(&file, b"x").unwrap();
+        let error = Store::open_durable(&file, Ordering::Asynchronous, DurableOptions::default())
+            .unwrap_err();
+        assert!(matches!(error, StateError::NotADirectory { .. }), "{error}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
     }
 
     #[test]

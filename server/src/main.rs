@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dssgd_common::config::{Ordering, check_positive};
+use dssgd_common::config::{Ordering, check_positive, check_seconds};
 use dssgd_server::{DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, Store};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -29,7 +29,12 @@ struct Args {
 
     /// Lease of a turn in the ordered modes, in seconds; a participant that
     /// dies holding the turn delays the others by at most this long.
-    #[arg(long, env = "DSSGD_LEASE_SECONDS", default_value_t = 60.0)]
+    #[arg(
+        long,
+        env = "DSSGD_LEASE_SECONDS",
+        default_value_t = 60.0,
+        allow_negative_numbers = true
+    )]
     lease_seconds: f64,
 
     /// Largest gRPC message in bytes, in both directions.
@@ -45,7 +50,11 @@ struct Args {
     /// Uploads per second each participant may make, with a burst of the
     /// same size (at least one); faster uploads are rejected with
     /// RESOURCE_EXHAUSTED and retried. Default: no limit.
-    #[arg(long, env = "DSSGD_MAX_UPLOADS_PER_SECOND")]
+    #[arg(
+        long,
+        env = "DSSGD_MAX_UPLOADS_PER_SECOND",
+        allow_negative_numbers = true
+    )]
     max_uploads_per_second: Option<f64>,
 
     /// Reject uploads whose base version is more than this many versions
@@ -55,7 +64,7 @@ struct Args {
     max_staleness: Option<u64>,
 
     /// Largest bound gamma an upload may declare (default: any).
-    #[arg(long, env = "DSSGD_MAX_GAMMA")]
+    #[arg(long, env = "DSSGD_MAX_GAMMA", allow_negative_numbers = true)]
     max_gamma: Option<f64>,
 
     /// Accept only participants of this model (mlp or cnn); by default the
@@ -87,7 +96,12 @@ struct Args {
 
     /// On SIGTERM or SIGINT, time given to calls in flight to finish, in
     /// seconds, before the server stops without them.
-    #[arg(long, env = "DSSGD_SHUTDOWN_GRACE_SECONDS", default_value_t = 5.0)]
+    #[arg(
+        long,
+        env = "DSSGD_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 5.0,
+        allow_negative_numbers = true
+    )]
     shutdown_grace_seconds: f64,
 
     /// PEM certificate chain of the server. With --tls-key, the server
@@ -172,7 +186,7 @@ struct HealthArgs {
     service: String,
 
     /// Time limit of the check, connecting included, in seconds.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     timeout_seconds: f64,
 
     /// PEM CA certificate to verify a TLS server with; the default address
@@ -195,7 +209,7 @@ struct HealthArgs {
 }
 
 fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
-    let lease = check_positive("lease-seconds", args.lease_seconds)?;
+    let lease = check_seconds("lease-seconds", args.lease_seconds)?;
     if let Some(max_gamma) = args.max_gamma {
         check_positive("max-gamma", max_gamma)?;
     }
@@ -231,7 +245,7 @@ fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
         tls,
         require_client_identity: args.client_ca.is_some(),
         ordering: args.ordering,
-        lease: Duration::from_secs_f64(lease),
+        lease,
         max_message_bytes: args.max_message_bytes,
         max_gamma: args.max_gamma,
         expected_model: args.model.clone(),
@@ -397,8 +411,8 @@ async fn check_health(args: &Args, health: &HealthArgs) -> i32 {
         },
         false => None,
     };
-    let timeout = match check_positive("timeout-seconds", health.timeout_seconds) {
-        Ok(seconds) => Duration::from_secs_f64(seconds),
+    let timeout = match check_seconds("timeout-seconds", health.timeout_seconds) {
+        Ok(timeout) => timeout,
         Err(error) => {
             eprintln!("dssgd-server: error: {error}");
             return 1;
@@ -426,10 +440,7 @@ async fn check_health(args: &Args, health: &HealthArgs) -> i32 {
 
 async fn serve(args: &Args) -> anyhow::Result<()> {
     let config = config_from(args)?;
-    let grace = Duration::from_secs_f64(check_positive(
-        "shutdown-grace-seconds",
-        args.shutdown_grace_seconds,
-    )?);
+    let grace = check_seconds("shutdown-grace-seconds", args.shutdown_grace_seconds)?;
     let store = Arc::new(open_store(args)?);
     let listener = TcpListener::bind(args.listen)
         .await

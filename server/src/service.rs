@@ -87,7 +87,9 @@ impl Service {
         Arc::clone(&self.metrics)
     }
 
-    fn join(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse, ServerError> {
+    /// Validates and applies a join without the gRPC layer; the handler
+    /// and the fuzz target call it.
+    pub fn handle_join(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse, ServerError> {
         let participant = check_participant_id(&request.participant_id)?;
         let model = request.model.ok_or(ServerError::MissingField("model"))?;
         let model = ModelInfo {
@@ -129,7 +131,11 @@ impl Service {
         })
     }
 
-    fn download(&self, request: pb::DownloadRequest) -> Result<pb::DownloadResponse, ServerError> {
+    /// Validates and serves a download without the gRPC layer.
+    pub fn handle_download(
+        &self,
+        request: pb::DownloadRequest,
+    ) -> Result<pb::DownloadResponse, ServerError> {
         self.check_registered(&request.participant_id)?;
         let theta_d = check_unit_closed("theta_d", request.theta_d)?;
         let download = self.store.download(theta_d)?;
@@ -159,7 +165,11 @@ impl Service {
         })
     }
 
-    fn upload(&self, request: pb::UploadRequest) -> Result<pb::UploadResponse, ServerError> {
+    /// Validates and applies an upload without the gRPC layer.
+    pub fn handle_upload(
+        &self,
+        request: pb::UploadRequest,
+    ) -> Result<pb::UploadResponse, ServerError> {
         let participant = request.participant_id.clone();
         self.check_registered(&participant)?;
         self.check_rate(&participant)?;
@@ -441,7 +451,7 @@ impl ParameterServer for Service {
             self.config.max_concurrent_calls,
             "Join",
             participant,
-            move || service.join(request),
+            move || service.handle_join(request),
         )
         .await
     }
@@ -464,7 +474,7 @@ impl ParameterServer for Service {
             self.config.max_concurrent_calls,
             "DownloadParameters",
             participant,
-            move || service.download(request),
+            move || service.handle_download(request),
         )
         .await
     }
@@ -487,7 +497,7 @@ impl ParameterServer for Service {
             self.config.max_concurrent_calls,
             "UploadGradients",
             participant,
-            move || service.upload(request),
+            move || service.handle_upload(request),
         )
         .await
     }

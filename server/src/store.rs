@@ -337,6 +337,19 @@ impl Store {
                 max_staleness,
             });
         }
+        // Parameters are sent as f32, so a sum beyond its range would reach
+        // every participant as infinity.
+        for (&index, &value) in upload.changes.indices.iter().zip(&upload.changes.values) {
+            let sum = inner.parameters[index as usize] + f64::from(value);
+            if !(sum as f32).is_finite() {
+                return Err(ServerError::InvalidField {
+                    field: "changes.values",
+                    reason: format!(
+                        "adding {value} to parameter {index} gives {sum:e}, beyond the f32 range; bound the changes with a smaller gamma"
+                    ),
+                });
+            }
+        }
         let mut record = record.clone();
         record.uploads += 1;
         record.parameters_uploaded += upload.changes.len() as u64;

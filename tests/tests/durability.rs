@@ -421,13 +421,17 @@ fn corrupt_state_stops_server_unchanged() {
         std::fs::read(&file).expect("the file should still be there") == damaged,
         "the server changed the corrupt file"
     );
-    let entries: Vec<_> = std::fs::read_dir(&state)
+    let mut entries: Vec<String> = std::fs::read_dir(&state)
         .expect("the state directory should be readable")
-        .map(|entry| entry.expect("directory entry").file_name())
+        .map(|entry| {
+            let name = entry.expect("directory entry").file_name();
+            name.to_string_lossy().into_owned()
+        })
         .collect();
+    entries.sort();
     assert_eq!(
-        entries.len(),
-        1,
-        "files in the state directory: {entries:?}"
+        entries,
+        ["state.lock", "state.redb"],
+        "files in the state directory"
     );
 }

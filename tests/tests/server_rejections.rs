@@ -1382,3 +1382,26 @@ async fn upload_over_rate_limit_is_rejected() {
     .await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sum_beyond_f32_range_is_rejected() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    let huge = |upload_id: u64| pb::UploadRequest {
+        gamma: f64::from(f32::MAX),
+        ..upload_request(upload_id, sparse_slice(&[5], &[f32::MAX]))
+    };
+    let first = server
+        .upload(huge(1))
+        .await
+        .expect("one value of f32::MAX still fits");
+    assert!(first.applied, "the first upload was not applied");
+    assert_upload_rejected(
+        &mut server,
+        "a second f32::MAX on the same parameter",
+        huge(2),
+        Code::InvalidArgument,
+        &["parameter 5", "beyond the f32 range"],
+    )
+    .await;
+    server.shutdown().await;
+}
