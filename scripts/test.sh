@@ -18,6 +18,9 @@ if docker info >/dev/null 2>&1; then
 else
     echo "no Docker engine answers: the compose tests will be skipped" >&2
 fi
+# A short fuzz run of the server's request handling (skipped with a message
+# where no nightly toolchain exists).
+scripts/fuzz.sh "${DSSGD_FUZZ_SECONDS:-30}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --workspace 2>&1 | tee "$log"
