@@ -15,6 +15,9 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
 
+/// Metadata key of the server's reason for a rejection.
+const REASON_METADATA_KEY: &str = "dssgd-reason";
+
 /// Largest gRPC message the client sends or accepts, in bytes: the server's
 /// default (64 MiB), which covers dense transfers of 16 million parameters.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -62,6 +65,9 @@ pub enum ClientError {
         code: Code,
         /// The server's message.
         message: String,
+        /// The server's stable reason label (metadata `dssgd-reason`), for
+        /// example `stale_version`; empty when the server sent none.
+        reason: String,
     },
     /// The server stayed unavailable for the whole retry period.
     #[error(
@@ -76,6 +82,26 @@ pub enum ClientError {
         seconds: f64,
         /// The last error.
         last: String,
+    },
+    /// The TLS handshake failed, so no call reached the server.
+    #[error(
+        "{rpc} to {address} failed in the TLS handshake: {detail}; check --tls-ca (the CA that signed the server's certificate, which must cover the host in the address) and --tls-cert and --tls-key (a certificate signed by the federation's CA whose common name is this participant's identifier)"
+    )]
+    Handshake {
+        /// Name of the call.
+        rpc: &'static str,
+        /// The server address.
+        address: String,
+        /// The TLS library's error, with its causes.
+        detail: String,
+    },
+    /// The TLS files could not be loaded.
+    #[error(
+        "failed to load the TLS files of --tls-ca, --tls-cert and --tls-key: {detail}; check that each is a PEM file and that the key belongs to the certificate"
+    )]
+    TlsFiles {
+        /// The error of tonic and rustls, with its causes.
+        detail: String,
     },
     /// The server sent a response this client cannot decode.
     #[error("invalid {rpc} response: {reason}")]
@@ -107,6 +133,15 @@ pub struct Traffic {
     pub bytes_received: u64,
 }
 
+impl ClientError {
+    /// Whether the server rejected an upload because its base version is
+    /// too old (`--max-staleness`): the participant should drop it and
+    /// train on a fresh download.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, ClientError::Rejected { reason, .. } if reason == "stale_version")
+    }
+}
+
 /// A connection to one parameter server.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -122,6 +157,18 @@ fn is_retryable(status: &Status) -> bool {
         status.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
     ) || (status.code() == Code::Unknown && status.message().contains("transport"))
+}
+
+/// Formats the status message followed by the messages of its sources.
+fn status_detail(status: &Status) -> String {
+    dssgd_server::tls::error_chain(status)
+}
+
+/// Whether `detail` describes a failed TLS handshake: the server rejected
+/// this client's certificate (a fatal alert) or this client rejected the
+/// server's. Retrying cannot fix either.
+fn is_tls_failure(detail: &str) -> bool {
+    detail.contains("received fatal alert") || detail.contains("invalid peer certificate")
 }
 
 impl Client {
@@ -165,7 +212,9 @@ impl Client {
         if let Some(tls) = tls {
             endpoint = endpoint
                 .tls_config(tls)
-                .map_err(|error| invalid(format!("invalid TLS settings: {error}")))?;
+                .map_err(|error| ClientError::TlsFiles {
+                    detail: dssgd_server::tls::error_chain(&error),
+                })?;
         }
         let inner = ParameterServerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(max_message_bytes)
@@ -214,6 +263,13 @@ impl Client {
                     self.traffic.bytes_received += response.encoded_len() as u64;
                     return Ok(response);
                 }
+                Err(status) if is_tls_failure(&status_detail(&status)) => {
+                    return Err(ClientError::Handshake {
+                        rpc,
+                        address: self.address.clone(),
+                        detail: status_detail(&status),
+                    });
+                }
                 Err(status) if is_retryable(&status) => {
                     let elapsed = started.elapsed();
                     if elapsed >= self.retry.give_up_after {
@@ -221,14 +277,14 @@ impl Client {
                             rpc,
                             address: self.address.clone(),
                             seconds: elapsed.as_secs_f64(),
-                            last: status.message().to_string(),
+                            last: status_detail(&status),
                         });
                     }
                     warn!(
                         participant = %self.participant_id,
                         rpc,
                         code = ?status.code(),
-                        error = %status.message(),
+                        error = %status_detail(&status),
                         retry_in_ms = backoff.as_millis() as u64,
                         "call failed; retrying"
                     );
@@ -236,10 +292,17 @@ impl Client {
                     backoff = (backoff * 2).min(self.retry.max_backoff);
                 }
                 Err(status) => {
+                    let reason = status
+                        .metadata()
+                        .get(REASON_METADATA_KEY)
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
                     return Err(ClientError::Rejected {
                         rpc,
                         code: status.code(),
                         message: status.message().to_string(),
+                        reason,
                     });
                 }
             }

@@ -315,8 +315,25 @@ pub fn run_collaborative<R: Rng>(
             turn_token: turn.as_ref().map(|t| t.token.clone()).unwrap_or_default(),
             epsilon: private.as_ref().map_or(0.0, |state| state.upload.epsilon),
         };
-        let uploaded = runtime.block_on(client.upload(request))?;
-        parameters_sent += indices.len() as u64;
+        // An upload rejected as stale is dropped; the next epoch trains on a
+        // fresh download. Its privacy spend stays in the ledger, because its
+        // noisy values were computed (and sent) all the same.
+        let uploaded = match runtime.block_on(client.upload(request)) {
+            Ok(uploaded) => Some(uploaded),
+            Err(error) if error.is_stale() => {
+                warn!(
+                    participant = %client.participant_id(),
+                    epoch,
+                    upload_id,
+                    error = %error,
+                    "upload dropped as stale; the next epoch downloads again"
+                );
+                None
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let applied = if uploaded.is_some() { indices.len() } else { 0 };
+        parameters_sent += applied as u64;
         if let Some(turn) = turn {
             let token = turn.token.clone();
             drop(turn);
@@ -332,7 +349,7 @@ pub fn run_collaborative<R: Rng>(
             accuracy,
             version: Some(downloaded.version),
             parameters_downloaded: received,
-            parameters_uploaded: indices.len(),
+            parameters_uploaded: applied,
             seconds: epoch_started.elapsed().as_secs_f64(),
             epsilon: private.as_ref().map(|state| state.upload.epsilon),
             epsilon_total: spent.map(|(total, _)| total),
@@ -341,10 +358,10 @@ pub fn run_collaborative<R: Rng>(
         info!(
             participant = %client.participant_id(),
             epoch,
-            version = uploaded.version,
+            version = uploaded.as_ref().map(|uploaded| uploaded.version),
             loss,
-            accuracy = accuracy.unwrap_or(f64::NAN),
-            uploaded = indices.len(),
+            accuracy,
+            uploaded = applied,
             epsilon = record.epsilon.unwrap_or(0.0),
             epsilon_total = record.epsilon_total.unwrap_or(0.0),
             "epoch done"

@@ -235,7 +235,8 @@ fn generate_certificates(dir: &Path, participants: usize) -> anyhow::Result<()> 
         .map(|index| format!("p{index:03}"))
         .collect();
     ids.push(OBSERVER_ID.into());
-    dssgd_server::tls::generate_federation(dir, &["127.0.0.1".into()], &ids, 30)?;
+    let names = ["127.0.0.1".to_string()];
+    dssgd_server::tls::generate_federation(dir, Some(&names), &ids, 30)?;
     Ok(())
 }
 

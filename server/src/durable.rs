@@ -124,7 +124,7 @@ pub enum StateError {
     DanglingLink {
         /// The database file.
         path: PathBuf,
-        /// Where the link points.
+        /// Target of the link.
         target: PathBuf,
     },
     /// Another process has the database open.
@@ -204,6 +204,22 @@ pub struct DurableState {
     dirty: BTreeSet<u32>,
     /// Parameter changes in the log.
     logged_changes: u64,
+    /// Version of the last checkpoint.
+    checkpoint_version: u64,
+    /// When the last checkpoint was written, or the state opened.
+    checkpoint_time: std::time::Instant,
+}
+
+/// Position of the durable state relative to its last checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CheckpointStatus {
+    /// Version of the last checkpoint.
+    pub version: u64,
+    /// Time since the last checkpoint, or since the state was opened.
+    pub age: std::time::Duration,
+    /// Parameter changes logged since the last checkpoint, which a restart
+    /// replays.
+    pub logged_changes: u64,
 }
 
 impl DurableState {
@@ -275,6 +291,8 @@ impl DurableState {
             parameter_count: verified.restored.parameters.len(),
             dirty: verified.dirty,
             logged_changes: verified.logged_changes,
+            checkpoint_version: verified.restored.checkpoint_version,
+            checkpoint_time: std::time::Instant::now(),
         };
         let restored = verified.restored;
         Ok((state, restored, created))
@@ -344,15 +362,7 @@ impl DurableState {
         let dirty = &self.dirty;
         self.write(|txn| {
             if checkpoint {
-                let mut chunks = txn.open_table(CHUNKS)?;
-                for &chunk in dirty {
-                    let range = chunk_range(chunk as usize, parameters.len());
-                    let bytes = encode_chunk(&parameters[range.clone()], &counters[range]);
-                    chunks.insert(chunk, bytes.as_slice())?;
-                }
-                txn.open_table(LOG)?.retain(|_, _| false)?;
-                txn.open_table(NUMBERS)?
-                    .insert("checkpoint_version", version)?;
+                write_checkpoint(txn, dirty, parameters, counters, version)?;
             }
             let indices = encode_indices(&changes.indices);
             let values = encode_values(&changes.values);
@@ -364,12 +374,45 @@ impl DurableState {
             Ok(())
         })?;
         if checkpoint {
-            self.dirty.clear();
-            self.logged_changes = 0;
+            self.checkpointed(version);
         }
         self.logged_changes += changes.len() as u64;
         self.dirty.extend(touched_chunks(&changes.indices));
         Ok(())
+    }
+
+    /// Writes a checkpoint of `parameters` and `counters`, the state at
+    /// `version`, and empties the log, so that the next start replays
+    /// nothing. Does nothing when the log is empty.
+    pub fn checkpoint(
+        &mut self,
+        parameters: &[f64],
+        counters: &[u64],
+        version: u64,
+    ) -> Result<(), StateError> {
+        if self.logged_changes == 0 {
+            return Ok(());
+        }
+        let dirty = &self.dirty;
+        self.write(|txn| write_checkpoint(txn, dirty, parameters, counters, version))?;
+        self.checkpointed(version);
+        Ok(())
+    }
+
+    /// The last checkpoint's version and age, and the uploads logged since.
+    pub fn checkpoint_status(&self) -> CheckpointStatus {
+        CheckpointStatus {
+            version: self.checkpoint_version,
+            age: self.checkpoint_time.elapsed(),
+            logged_changes: self.logged_changes,
+        }
+    }
+
+    fn checkpointed(&mut self, version: u64) {
+        self.dirty.clear();
+        self.logged_changes = 0;
+        self.checkpoint_version = version;
+        self.checkpoint_time = std::time::Instant::now();
     }
 
     /// Closes the database. Every change was already committed durably, so
@@ -424,6 +467,27 @@ fn lock_directory(dir: &Path, database: &Path) -> Result<std::fs::File, StateErr
         }),
         Err(std::fs::TryLockError::Error(error)) => Err(StateError::Directory { path, error }),
     }
+}
+
+/// Rewrites the `dirty` chunks from the state at `version` and empties the
+/// log, inside `txn`.
+fn write_checkpoint(
+    txn: &WriteTransaction,
+    dirty: &BTreeSet<u32>,
+    parameters: &[f64],
+    counters: &[u64],
+    version: u64,
+) -> Result<(), redb::Error> {
+    let mut chunks = txn.open_table(CHUNKS)?;
+    for &chunk in dirty {
+        let range = chunk_range(chunk as usize, parameters.len());
+        let bytes = encode_chunk(&parameters[range.clone()], &counters[range]);
+        chunks.insert(chunk, bytes.as_slice())?;
+    }
+    txn.open_table(LOG)?.retain(|_, _| false)?;
+    txn.open_table(NUMBERS)?
+        .insert("checkpoint_version", version)?;
+    Ok(())
 }
 
 fn corrupt(path: &Path, detail: impl std::fmt::Display) -> StateError {

@@ -87,7 +87,8 @@ pub enum ServerError {
     },
     /// The participant uploads faster than its rate limit.
     #[error(
-        "participant {participant:?} exceeded its rate limit of {rate} uploads per second (--max-uploads-per-second); retry after a short wait"
+        "participant {participant:?} exceeded its rate limit of {rate} uploads per second (--max-uploads-per-second); retry in {:.1} s",
+        1.0 / rate
     )]
     RateLimited {
         /// The participant.
@@ -217,8 +218,16 @@ impl ServerError {
     }
 }
 
+/// Metadata key of a rejection's stable reason (see
+/// [`ServerError::reason`]), so that clients can act on the reason without
+/// parsing the message.
+pub const REASON_METADATA_KEY: &str = "dssgd-reason";
+
 impl From<ServerError> for Status {
     fn from(error: ServerError) -> Self {
-        Status::new(error.code(), error.to_string())
+        let mut status = Status::new(error.code(), error.to_string());
+        let reason = tonic::metadata::MetadataValue::from_static(error.reason());
+        status.metadata_mut().insert(REASON_METADATA_KEY, reason);
+        status
     }
 }

@@ -155,8 +155,11 @@ struct CertsArgs {
     out: PathBuf,
 
     /// DNS name or IP address the server is reached under; repeat for
-    /// several. The first is the certificate's common name.
-    #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+    /// several. The first is the certificate's common name; localhost and
+    /// 127.0.0.1 are always added. Without it, an existing server
+    /// certificate in --out is kept, and a new one covers only localhost and
+    /// 127.0.0.1.
+    #[arg(long = "server-name")]
     server_names: Vec<String>,
 
     /// Participant identifier to make a client certificate for; repeat for
@@ -230,7 +233,10 @@ fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
         args.max_concurrent_calls
     );
     if let Some(rate) = args.max_uploads_per_second {
-        check_positive("max-uploads-per-second", rate)?;
+        anyhow::ensure!(
+            rate.is_finite() && (0.001..=1_000_000.0).contains(&rate),
+            "invalid max-uploads-per-second {rate}: expected 0.001 to 1000000"
+        );
     }
     if args.max_staleness == Some(0) {
         anyhow::bail!(
@@ -289,7 +295,24 @@ fn tls_from(args: &Args) -> anyhow::Result<Option<tonic::transport::ServerTlsCon
         key,
         client_ca: args.client_ca.clone(),
     };
-    Ok(Some(dssgd_server::tls::server_config(&files)?))
+    let config = dssgd_server::tls::server_config(&files)?;
+    // tonic parses the certificate and key only when the server is built, so
+    // build one now: a bad file then stops the start-up before the server
+    // reports that it listens.
+    if let Err(error) = tonic::transport::Server::builder().tls_config(config.clone()) {
+        let detail = dssgd_server::tls::error_chain(&error);
+        anyhow::bail!(
+            "failed to load the TLS certificate {} and key {}{}: {detail}; check that both are PEM files and that the key belongs to the certificate",
+            files.cert.display(),
+            files.key.display(),
+            files
+                .client_ca
+                .as_ref()
+                .map(|ca| format!(" with the client CA {}", ca.display()))
+                .unwrap_or_default()
+        );
+    }
+    Ok(Some(config))
 }
 
 /// Runs the certs subcommand.
@@ -299,27 +322,25 @@ fn generate_certs(certs: &CertsArgs) -> anyhow::Result<()> {
         "invalid days {}: expected at least 1",
         certs.days
     );
-    anyhow::ensure!(
-        !certs.server_names.is_empty(),
-        "no --server-name given: name the host or IP address participants connect to"
-    );
     let mut participants = certs.participants.clone();
     participants.extend((0..certs.participant_count).map(|index| format!("p{index:03}")));
     for id in &participants {
         dssgd_common::config::check_participant_id(id)?;
     }
+    let server_names = (!certs.server_names.is_empty()).then_some(certs.server_names.as_slice());
     let files = dssgd_server::tls::generate_federation(
         &certs.out,
-        &certs.server_names,
+        server_names,
         &participants,
         certs.days,
     )?;
     println!("CA certificate       {}", files.ca_cert.display());
     println!("CA key (keep secret) {}", files.ca_key.display());
     println!(
-        "server               {} {}",
+        "server               {} {}{}",
         files.server.0.display(),
-        files.server.1.display()
+        files.server.1.display(),
+        if files.server_written { "" } else { " (kept)" }
     );
     for (id, cert, key) in &files.participants {
         println!("participant {id:<8} {} {}", cert.display(), key.display());

@@ -66,6 +66,10 @@ pub struct Metrics {
     total_updates: Gauge,
     participant_uploads: Family<ParticipantLabels, Gauge>,
     participant_epsilon: Family<ParticipantLabels, Gauge<f64, AtomicU64>>,
+    durable: Gauge,
+    checkpoint_age: Gauge<f64, AtomicU64>,
+    checkpoint_version: Gauge,
+    logged_changes: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,6 +106,10 @@ impl Metrics {
             total_updates: Gauge::default(),
             participant_uploads: Family::default(),
             participant_epsilon: Family::default(),
+            durable: Gauge::default(),
+            checkpoint_age: Gauge::default(),
+            checkpoint_version: Gauge::default(),
+            logged_changes: Gauge::default(),
         };
         registry.register(
             "calls",
@@ -163,6 +171,26 @@ impl Metrics {
             "Privacy spend declared by each participant's applied uploads (basic composition)",
             metrics.participant_epsilon.clone(),
         );
+        registry.register(
+            "durable",
+            "1 when the state is kept in a state directory, 0 when in memory only",
+            metrics.durable.clone(),
+        );
+        registry.register(
+            "checkpoint_age_seconds",
+            "Seconds since the last checkpoint of the durable state (or since it was opened); 0 in memory",
+            metrics.checkpoint_age.clone(),
+        );
+        registry.register(
+            "checkpoint_version",
+            "Version of the last checkpoint of the durable state",
+            metrics.checkpoint_version.clone(),
+        );
+        registry.register(
+            "logged_changes",
+            "Parameter changes logged since the last checkpoint, which a restart replays",
+            metrics.logged_changes.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -202,6 +230,13 @@ impl Metrics {
         self.version.set(status.version as i64);
         self.participants.set(status.participants.len() as i64);
         self.total_updates.set(status.total_updates as i64);
+        let checkpoint = store.checkpoint_status();
+        self.durable.set(i64::from(checkpoint.is_some()));
+        if let Some(checkpoint) = checkpoint {
+            self.checkpoint_age.set(checkpoint.age.as_secs_f64());
+            self.checkpoint_version.set(checkpoint.version as i64);
+            self.logged_changes.set(checkpoint.logged_changes as i64);
+        }
         for (participant, record) in &status.participants {
             let labels = ParticipantLabels {
                 participant: participant.clone(),

@@ -219,15 +219,27 @@ impl Store {
         matches!(*self.persistence.lock(), Persistence::Durable(_))
     }
 
-    /// Closes the database of a durable store after the change in progress,
-    /// if any. Later changes are rejected as unavailable. Does nothing for an
-    /// in-memory store.
+    /// Writes a final checkpoint and closes the database of a durable store,
+    /// after the change in progress, if any. Later changes are rejected as
+    /// unavailable. Does nothing for an in-memory store.
     pub fn close(&self) -> Result<(), StateError> {
         // The upgradable lock waits for a change that is being committed.
-        let _changes = self.inner.upgradable_read();
+        let inner = self.inner.upgradable_read();
         match &mut *self.persistence.lock() {
-            Persistence::Durable(durable) => durable.close(),
+            Persistence::Durable(durable) => {
+                // A final checkpoint, so that the next start replays nothing.
+                durable.checkpoint(&inner.parameters, &inner.counters, inner.version)?;
+                durable.close()
+            }
             Persistence::Memory => Ok(()),
+        }
+    }
+
+    /// The durable state's checkpoint status; `None` for an in-memory store.
+    pub fn checkpoint_status(&self) -> Option<crate::durable::CheckpointStatus> {
+        match &*self.persistence.lock() {
+            Persistence::Durable(durable) => Some(durable.checkpoint_status()),
+            Persistence::Memory => None,
         }
     }
 

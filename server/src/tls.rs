@@ -26,14 +26,14 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("failed to read the {what} {path}: {source}")]
+    #[error("failed to read the {what} {path}: {error}")]
     Read {
-        /// Which file it is, for example "client CA file".
+        /// Kind of file, for example "client CA file".
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The operating system's error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file holds no PEM block of the expected kind.
     #[error(
@@ -79,10 +79,10 @@ pub struct TlsFiles {
 
 /// Reads `path`, which must hold a PEM block labelled `kind`.
 fn read_pem(what: &'static str, path: &Path, kind: &'static str) -> Result<Vec<u8>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+    let bytes = std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let marker = format!("-----BEGIN {kind}");
     let text = String::from_utf8_lossy(&bytes);
@@ -168,6 +168,24 @@ pub fn client_config(files: &ClientTlsFiles) -> Result<ClientTlsConfig, TlsError
     Ok(config)
 }
 
+/// Formats `error` followed by the messages of its sources, which for
+/// tonic's transport errors hold the actual cause (the top message is only
+/// "transport error"). A source whose message is already included is
+/// skipped.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut detail = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = cause.source();
+    }
+    detail
+}
+
 /// Returns the subject common name of a DER certificate, or `None` when the
 /// certificate cannot be parsed or has no common name.
 pub fn common_name(der: &[u8]) -> Option<String> {
@@ -191,6 +209,9 @@ pub struct GeneratedFiles {
     pub ca_key: PathBuf,
     /// The server's certificate and key.
     pub server: (PathBuf, PathBuf),
+    /// Whether this run wrote the server's certificate (it keeps an
+    /// existing one when no server names are given).
+    pub server_written: bool,
     /// Each participant's identifier, certificate and key.
     pub participants: Vec<(String, PathBuf, PathBuf)>,
 }
@@ -204,7 +225,7 @@ pub struct GeneratedFiles {
 /// An existing CA in `dir` is reused, so participants can be added later.
 pub fn generate_federation(
     dir: &Path,
-    server_names: &[String],
+    server_names: Option<&[String]>,
     participants: &[String],
     days: u32,
 ) -> Result<GeneratedFiles, TlsError> {
@@ -212,7 +233,23 @@ pub fn generate_federation(
         what: what.to_string(),
         detail: detail.to_string(),
     };
-    std::fs::create_dir_all(dir).map_err(|error| failed("the certificate directory", &error))?;
+    if let Some(names) = server_names {
+        for name in names {
+            check_server_name(name)?;
+        }
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(failed(
+            &format!("certificates in {}", dir.display()),
+            &"the path exists but is not a directory; pass a directory to --out",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|error| {
+        failed(
+            &format!("the certificate directory {}", dir.display()),
+            &error,
+        )
+    })?;
     let now = time::OffsetDateTime::now_utc();
     let not_before = now - time::Duration::days(1);
     let not_after = now + time::Duration::days(i64::from(days));
@@ -263,6 +300,10 @@ pub fn generate_federation(
         Ok::<_, TlsError>((cert.pem(), key.serialize_pem()))
     };
 
+    let server = (dir.join("server.pem"), dir.join("server.key"));
+    let keep_server = server_names.is_none() && server.0.exists() && server.1.exists();
+    let default_names = ["localhost".to_string(), "127.0.0.1".to_string()];
+    let server_names = server_names.unwrap_or(&default_names);
     let server_cn = server_names
         .first()
         .cloned()
@@ -276,20 +317,26 @@ pub fn generate_federation(
     }
     // Client authentication too, so that the server's own health probe can
     // present this certificate to a server that requires one.
-    let (cert, key) = leaf(
-        names,
-        &server_cn,
-        &[
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
-    )?;
-    let server = (dir.join("server.pem"), dir.join("server.key"));
-    write_file(&server.0, cert.as_bytes(), false)?;
-    write_file(&server.1, key.as_bytes(), true)?;
+    // Without server names, an existing server certificate is kept, so a
+    // second run that only adds participants keeps the server's names.
+    if !keep_server {
+        let (cert, key) = leaf(
+            names,
+            &server_cn,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )?;
+        write_file(&server.0, cert.as_bytes(), false)?;
+        write_file(&server.1, key.as_bytes(), true)?;
+    }
 
-    let mut written = Vec::with_capacity(participants.len());
-    for id in participants {
+    let mut unique = participants.to_vec();
+    unique.sort();
+    unique.dedup();
+    let mut written = Vec::with_capacity(unique.len());
+    for id in &unique {
         let (cert, key) = leaf(Vec::new(), id, &[ExtendedKeyUsagePurpose::ClientAuth])?;
         let paths = (dir.join(format!("{id}.pem")), dir.join(format!("{id}.key")));
         write_file(&paths.0, cert.as_bytes(), false)?;
@@ -300,8 +347,33 @@ pub fn generate_federation(
         ca_cert: ca_cert_path,
         ca_key: ca_key_path,
         server,
+        server_written: !keep_server,
         participants: written,
     })
+}
+
+/// Checks that `name` is an IP address or a DNS name: dot-separated labels
+/// of 1 to 63 ASCII letters, digits or '-', 253 characters at most.
+fn check_server_name(name: &str) -> Result<(), TlsError> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let valid_label = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if name.len() <= 253 && name.split('.').all(valid_label) {
+        Ok(())
+    } else {
+        Err(TlsError::Generate {
+            what: format!("a server certificate for {name:?}"),
+            detail:
+                "a server name must be an IP address or a DNS name of letters, digits, '-' and '.'"
+                    .into(),
+        })
+    }
 }
 
 /// Writes `bytes` to `path`, readable by the owner only when `private`.
@@ -329,13 +401,8 @@ mod tests {
     #[test]
     fn generated_participant_certificate_names_participant() {
         let dir = tempfile::tempdir().unwrap();
-        let files = generate_federation(
-            dir.path(),
-            &["localhost".into(), "127.0.0.1".into()],
-            &["p001".into()],
-            30,
-        )
-        .unwrap();
+        let names = ["localhost".to_string(), "127.0.0.1".to_string()];
+        let files = generate_federation(dir.path(), Some(&names), &["p001".into()], 30).unwrap();
         let (id, cert, _) = &files.participants[0];
         assert_eq!(id, "p001");
         let pem = std::fs::read_to_string(cert).unwrap();
@@ -352,10 +419,20 @@ mod tests {
     #[test]
     fn existing_ca_is_reused() {
         let dir = tempfile::tempdir().unwrap();
-        generate_federation(dir.path(), &["localhost".into()], &["p1".into()], 30).unwrap();
+        let names = ["myhost".to_string()];
+        generate_federation(dir.path(), Some(&names), &["p1".into()], 30).unwrap();
         let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
-        generate_federation(dir.path(), &["localhost".into()], &["p2".into()], 30).unwrap();
+        let server = std::fs::read(dir.path().join("server.pem")).unwrap();
+        let again = generate_federation(dir.path(), None, &["p2".into()], 30).unwrap();
+        assert!(
+            !again.server_written,
+            "the server certificate was rewritten"
+        );
         assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca);
+        assert_eq!(
+            std::fs::read(dir.path().join("server.pem")).unwrap(),
+            server
+        );
         assert!(dir.path().join("p1.pem").exists());
         assert!(dir.path().join("p2.pem").exists());
     }
@@ -363,7 +440,7 @@ mod tests {
     #[test]
     fn empty_or_missing_client_ca_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        let files = generate_federation(dir.path(), &["localhost".into()], &[], 30).unwrap();
+        let files = generate_federation(dir.path(), None, &[], 30).unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, b"").unwrap();
         for client_ca in [empty.clone(), dir.path().join("missing.pem")] {
@@ -376,6 +453,22 @@ mod tests {
             let text = error.to_string();
             assert!(text.contains("client CA file"), "{text}");
             assert!(text.contains(&client_ca.display().to_string()), "{text}");
+        }
+    }
+
+    #[test]
+    fn invalid_server_names_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["", "bad name!", "-x.example", "a..b"] {
+            let names = [name.to_string()];
+            let error = generate_federation(dir.path(), Some(&names), &[], 30).unwrap_err();
+            assert!(
+                error.to_string().contains("server name"),
+                "{name:?}: {error}"
+            );
+        }
+        for name in ["127.0.0.1", "::1", "dssgd.example.org", "server"] {
+            assert!(check_server_name(name).is_ok(), "{name}");
         }
     }
 

@@ -380,6 +380,11 @@ fn kill_during_uploads_keeps_acknowledged() {
     let again = Server::start(&state, 4, dir.path().join("server-again.log"));
     let after = runtime.block_on(check_restored(&again.address, &last));
     assert_eq!(after, last, "state after a clean shutdown and restart");
+    let restart_log = again.log_text();
+    assert!(
+        restart_log.contains("replayed_uploads=0"),
+        "the shutdown left uploads to replay; the final checkpoint is missing:\n{restart_log}"
+    );
     eprintln!(
         "{total_kills} kills with SIGKILL during uploads: {} uploads applied, every acknowledged \
          one present once; uploads committed at a kill before their response was sent: \

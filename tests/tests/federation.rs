@@ -203,3 +203,43 @@ fn participant_waits_for_late_server() {
     let metrics = read_json(&dir.path().join("p0.json"));
     assert_eq!(metrics["epochs"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn stale_uploads_are_dropped_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, address) = start_server(
+        &["--model", "mlp", "--max-staleness", "1"],
+        &dir.path().join("server.log"),
+    );
+    let epochs = 10;
+    let mut children: Vec<ChildGuard> = (0..PARTICIPANTS)
+        .map(|index| participant(index, &address, dir.path(), epochs))
+        .collect();
+    for child in &mut children {
+        let name = child.name.clone();
+        assert!(
+            child.wait(),
+            "{name} failed under --max-staleness 1; see {}",
+            dir.path().join(format!("{name}.log")).display()
+        );
+    }
+    let mut applied = 0;
+    let mut dropped = 0;
+    for index in 0..PARTICIPANTS {
+        let metrics = read_json(&dir.path().join(format!("p{index}.json")));
+        for epoch in metrics["epochs"].as_array().expect("epochs are listed") {
+            match epoch["parameters_uploaded"].as_u64() {
+                Some(0) => dropped += 1,
+                Some(_) => applied += 1,
+                None => panic!("epoch without parameters_uploaded: {epoch}"),
+            }
+        }
+    }
+    assert_eq!(
+        applied + dropped,
+        PARTICIPANTS * epochs,
+        "epochs recorded by the participants"
+    );
+    assert!(applied > 0, "no upload was applied");
+    eprintln!("--max-staleness 1: {applied} uploads applied, {dropped} dropped as stale");
+}

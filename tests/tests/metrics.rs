@@ -110,6 +110,7 @@ fn metrics_endpoint_reports_uploads_spend_and_rejections() {
         "dssgd_calls_total{rpc=\"UploadGradients\",outcome=\"ok\"} 2",
         "dssgd_calls_total{rpc=\"UploadGradients\",outcome=\"rejected\"} 1",
         "dssgd_rejections_total{rpc=\"UploadGradients\",reason=\"layout_mismatch\"} 1",
+        "dssgd_durable 0",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }

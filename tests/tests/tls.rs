@@ -385,3 +385,71 @@ fn plaintext_needs_insecure_flag() {
     );
     server.kill();
 }
+
+#[test]
+fn mismatched_key_stops_before_listening() {
+    let dir = tempfile::tempdir().expect("a temporary directory should be creatable");
+    make_certs(dir.path(), &["--participant", "p000"]);
+    let cert = dir.path().join("server.pem").display().to_string();
+    let other_key = dir.path().join("p000.key").display().to_string();
+    let output = Command::new(binary("dssgd-server"))
+        .args(["--listen", "127.0.0.1:0", "--tls-cert", &cert])
+        .args(["--tls-key", &other_key])
+        .output()
+        .expect("the server should start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the server started with a foreign key"
+    );
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("listening on"),
+        "the server reported listening before it failed"
+    );
+    assert!(
+        stderr.contains(&cert),
+        "the error does not name {cert}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&other_key),
+        "the error does not name {other_key}:\n{stderr}"
+    );
+}
+
+#[test]
+fn foreign_participant_certificate_fails_fast() {
+    let dir = tempfile::tempdir().expect("a temporary directory should be creatable");
+    let certs = dir.path().join("federation");
+    let foreign = dir.path().join("foreign");
+    make_certs(&certs, &["--participant-count", "1"]);
+    make_certs(&foreign, &["--participant-count", "1"]);
+    let (mut server, address) = start_mutual_tls_server(&certs, &dir.path().join("server.log"));
+    let path = |dir: &Path, name: &str| dir.join(name).display().to_string();
+    let started = std::time::Instant::now();
+    let output = Command::new(binary("dssgd-participant"))
+        .args(["collaborate", "--server", &format!("https://{address}")])
+        .args(["--tls-ca", &path(&certs, "ca.pem")])
+        .args(["--tls-cert", &path(&foreign, "p000.pem")])
+        .args(["--tls-key", &path(&foreign, "p000.key")])
+        .args(["--index", "0", "--participants", "1", "--epochs", "1"])
+        .args(["--shard-fraction", "0.01", "--retry-seconds", "120"])
+        .arg("--data-dir")
+        .arg(dssgd_tests::mnist_dir())
+        .output()
+        .expect("the participant should start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the foreign participant succeeded"
+    );
+    assert!(
+        stderr.contains("TLS handshake"),
+        "the error does not name the handshake:\n{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the participant retried a handshake that cannot succeed for {:?}",
+        started.elapsed()
+    );
+    server.kill();
+}
