@@ -1405,3 +1405,33 @@ async fn sum_beyond_f32_range_is_rejected() {
     .await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn compressed_request_is_rejected() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    let before = server.snapshot().await;
+    // 48 MiB of zero values compress to about 50 KiB; the server accepts no
+    // compression, so it must reject the request without inflating it.
+    let zeros = vec![0u8; 48 * 1024 * 1024];
+    let request = pb::UploadRequest {
+        changes: Some(raw_slice(Vec::new(), zeros)),
+        ..valid_upload()
+    };
+    let mut compressing = server
+        .client
+        .clone()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .max_encoding_message_size(usize::MAX);
+    let result = within(compressing.upload_gradients(request))
+        .await
+        .map(tonic::Response::into_inner);
+    assert_rejected(
+        "gzip-compressed upload",
+        result,
+        Code::Unimplemented,
+        &["gzip"],
+    );
+    assert_unchanged("gzip-compressed upload", &before, &server.snapshot().await);
+    assert_valid_upload_applies(&mut server).await;
+    server.shutdown().await;
+}

@@ -305,6 +305,19 @@ fn failed_handshakes_leave_server_serving() {
         "a health probe without a client certificate passed"
     );
     server.kill();
+
+    // No private key material reaches the log.
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let key = std::fs::read_to_string(certs.join("server.key")).expect("the key is readable");
+    let secret = key
+        .lines()
+        .find(|line| !line.starts_with("-----"))
+        .expect("the key has a body line");
+    assert!(!log_text.contains(secret), "the server log holds its key");
+    assert!(
+        !log_text.contains("PRIVATE KEY"),
+        "the server log holds a key"
+    );
 }
 
 /// Runs the server with `args` and returns its exit status and stderr.
