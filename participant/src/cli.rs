@@ -83,7 +83,12 @@ pub struct TrainingArgs {
     pub participants: usize,
 
     /// Fraction of the training set each participant holds, in (0, 1].
-    #[arg(long, env = "DSSGD_SHARD_FRACTION", default_value_t = 0.01)]
+    #[arg(
+        long,
+        env = "DSSGD_SHARD_FRACTION",
+        default_value_t = 0.01,
+        allow_negative_numbers = true
+    )]
     pub shard_fraction: f64,
 
     /// Seed of the split of the training set among participants.
@@ -99,11 +104,21 @@ pub struct TrainingArgs {
     pub epochs: usize,
 
     /// SGD learning rate at step 0.
-    #[arg(long = "lr", env = "DSSGD_LR", default_value_t = 0.1)]
+    #[arg(
+        long = "lr",
+        env = "DSSGD_LR",
+        default_value_t = 0.1,
+        allow_negative_numbers = true
+    )]
     pub learning_rate: f64,
 
     /// Learning-rate decay per step: step t uses lr / (1 + t * decay).
-    #[arg(long, env = "DSSGD_LR_DECAY", default_value_t = 0.0)]
+    #[arg(
+        long,
+        env = "DSSGD_LR_DECAY",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     pub lr_decay: f64,
 
     /// Mini-batch size.
@@ -111,7 +126,12 @@ pub struct TrainingArgs {
     pub batch_size: usize,
 
     /// SGD momentum in [0, 1).
-    #[arg(long, env = "DSSGD_MOMENTUM", default_value_t = 0.0)]
+    #[arg(
+        long,
+        env = "DSSGD_MOMENTUM",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     pub momentum: f64,
 
     /// Evaluate test accuracy every this many epochs (and after the last).
@@ -155,7 +175,12 @@ pub struct CollaborateArgs {
     pub participant_id: Option<String>,
 
     /// Keep retrying an unreachable server for this many seconds per call.
-    #[arg(long, env = "DSSGD_RETRY_SECONDS", default_value_t = 300.0)]
+    #[arg(
+        long,
+        env = "DSSGD_RETRY_SECONDS",
+        default_value_t = 300.0,
+        allow_negative_numbers = true
+    )]
     pub retry_seconds: f64,
 
     /// After collaborating, also train a fresh model on the same shard alone
@@ -170,22 +195,42 @@ pub struct CollaborateArgs {
 pub struct SharingArgs {
     /// Upload fraction theta_u in (0, 1]: each upload carries at most
     /// ceil(theta_u * n) parameter changes.
-    #[arg(long, env = "DSSGD_THETA_U", default_value_t = 0.1)]
+    #[arg(
+        long,
+        env = "DSSGD_THETA_U",
+        default_value_t = 0.1,
+        allow_negative_numbers = true
+    )]
     pub theta_u: f64,
 
     /// Download fraction theta_d in [0, 1]: each epoch starts by downloading
     /// the ceil(theta_d * n) most-updated global parameters.
-    #[arg(long, env = "DSSGD_THETA_D", default_value_t = 1.0)]
+    #[arg(
+        long,
+        env = "DSSGD_THETA_D",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     pub theta_d: f64,
 
     /// Bound gamma: uploaded changes are clipped to [-gamma, gamma]. The
     /// server adds every participant's changes, so the default suits about
     /// 30 participants; raise it for fewer.
-    #[arg(long, env = "DSSGD_GAMMA", default_value_t = 0.0005)]
+    #[arg(
+        long,
+        env = "DSSGD_GAMMA",
+        default_value_t = 0.0005,
+        allow_negative_numbers = true
+    )]
     pub gamma: f64,
 
     /// Threshold tau of the threshold selection rule.
-    #[arg(long, env = "DSSGD_TAU", default_value_t = 0.0001)]
+    #[arg(
+        long,
+        env = "DSSGD_TAU",
+        default_value_t = 0.0001,
+        allow_negative_numbers = true
+    )]
     pub tau: f64,
 
     /// Rule that picks the changes to upload without noise (default:
@@ -199,18 +244,27 @@ pub struct SharingArgs {
     /// upload (per local epoch), by the sparse vector technique with exact
     /// discrete Laplace noise. The unit of privacy is this participant's
     /// whole shard; T uploads spend T times this much.
-    #[arg(long, env = "DSSGD_EPSILON", conflicts_with = "epsilon_per_parameter")]
+    #[arg(
+        long,
+        env = "DSSGD_EPSILON",
+        conflicts_with = "epsilon_per_parameter",
+        allow_negative_numbers = true
+    )]
     pub epsilon: Option<f64>,
 
     /// Like --epsilon, given per released parameter as Shokri and Shmatikov
     /// report it: each upload spends this times c = ceil(theta_u * n).
-    #[arg(long, env = "DSSGD_EPSILON_PER_PARAMETER")]
+    #[arg(
+        long,
+        env = "DSSGD_EPSILON_PER_PARAMETER",
+        allow_negative_numbers = true
+    )]
     pub epsilon_per_parameter: Option<f64>,
 
     /// Total epsilon this participant may spend, over every run recorded in
     /// its privacy ledger. Training stops before the upload that would pass
     /// it. Without it the spend is recorded but not limited.
-    #[arg(long, env = "DSSGD_PRIVACY_BUDGET")]
+    #[arg(long, env = "DSSGD_PRIVACY_BUDGET", allow_negative_numbers = true)]
     pub privacy_budget: Option<f64>,
 
     /// Privacy ledger file: one line per private upload, kept across runs

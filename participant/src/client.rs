@@ -292,6 +292,15 @@ impl Client {
                     backoff = (backoff * 2).min(self.retry.max_backoff);
                 }
                 Err(status) => {
+                    let mut message = status.message().to_string();
+                    // A TLS server answers plaintext HTTP/2 with a protocol
+                    // error that does not mention TLS.
+                    if self.address.starts_with("http://") && message.contains("h2 protocol error")
+                    {
+                        message.push_str(
+                            "; the server may require TLS: connect with https:// and --tls-ca",
+                        );
+                    }
                     let reason = status
                         .metadata()
                         .get(REASON_METADATA_KEY)
@@ -301,7 +310,7 @@ impl Client {
                     return Err(ClientError::Rejected {
                         rpc,
                         code: status.code(),
-                        message: status.message().to_string(),
+                        message,
                         reason,
                     });
                 }

@@ -47,7 +47,12 @@ pub struct SimulateArgs {
     pub server_bin: Option<PathBuf>,
 
     /// Lease of a turn in the ordered modes, in seconds.
-    #[arg(long, env = "DSSGD_LEASE_SECONDS", default_value_t = 30.0)]
+    #[arg(
+        long,
+        env = "DSSGD_LEASE_SECONDS",
+        default_value_t = 30.0,
+        allow_negative_numbers = true
+    )]
     pub lease_seconds: f64,
 
     /// Skip the standalone and centralized baselines.

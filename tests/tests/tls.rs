@@ -466,3 +466,47 @@ fn foreign_participant_certificate_fails_fast() {
     );
     server.kill();
 }
+
+#[test]
+fn plaintext_participant_gets_tls_hint() {
+    let dir = tempfile::tempdir().expect("a temporary directory should be creatable");
+    make_certs(dir.path(), &["--participant-count", "1"]);
+    let (mut server, address) = start_mutual_tls_server(dir.path(), &dir.path().join("server.log"));
+    let output = Command::new(binary("dssgd-participant"))
+        .args([
+            "collaborate",
+            "--insecure",
+            "--server",
+            &format!("http://{address}"),
+        ])
+        .args(["--index", "0", "--participants", "1", "--epochs", "1"])
+        .args(["--shard-fraction", "0.01", "--retry-seconds", "20"])
+        .arg("--data-dir")
+        .arg(dssgd_tests::mnist_dir())
+        .output()
+        .expect("the participant should start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a plaintext participant joined a TLS server"
+    );
+    assert!(
+        stderr.contains("may require TLS"),
+        "the error gives no TLS hint:\n{stderr}"
+    );
+    server.kill();
+}
+
+#[test]
+fn negative_participant_values_name_the_option() {
+    let output = Command::new(binary("dssgd-participant"))
+        .args(["collaborate", "--insecure", "--index", "0", "--lr", "-1"])
+        .output()
+        .expect("the participant should start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a negative learning rate was accepted"
+    );
+    assert!(stderr.contains("invalid lr -1"), "{stderr}");
+}
