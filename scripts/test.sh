@@ -23,7 +23,7 @@ fi
 scripts/fuzz.sh "${DSSGD_FUZZ_SECONDS:-30}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --release --workspace 2>&1 | tee "$log"
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log"
 # One closing line for the whole run: the last block cargo prints is the
 # doc-tests of the last crate, which has none.
 awk '/^test result:/ { passed += $4; failed += $6 }
