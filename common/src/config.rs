@@ -142,10 +142,10 @@ fn short_number(value: f64) -> String {
     }
 }
 
-/// Shortest duration a seconds setting accepts: 1 ms.
+/// Minimum duration a seconds setting accepts: 1 ms.
 pub const MIN_SECONDS: f64 = 0.001;
 
-/// Longest duration a seconds setting accepts: one year.
+/// Maximum duration a seconds setting accepts: one year.
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// Checks that `value` is a number of seconds from [`MIN_SECONDS`] to

@@ -289,7 +289,7 @@ pub struct EvaluateArgs {
 /// mutual TLS its client certificate must carry this common name.
 pub const EVALUATOR_ID: &str = "evaluator";
 
-/// Where the parameter server is and how the connection is secured.
+/// Server address and transport security settings.
 #[derive(Clone, Debug, Default, Args, Serialize)]
 pub struct TransportArgs {
     /// Address of the parameter server: https://HOST:PORT for TLS, or

@@ -164,7 +164,7 @@ fn status_detail(status: &Status) -> String {
     dssgd_server::tls::error_chain(status)
 }
 
-/// Whether `detail` describes a failed TLS handshake: the server rejected
+/// Returns whether `detail` describes a failed TLS handshake: the server rejected
 /// this client's certificate (a fatal alert) or this client rejected the
 /// server's. Retrying cannot fix either.
 fn is_tls_failure(detail: &str) -> bool {
@@ -293,7 +293,7 @@ impl Client {
                 }
                 Err(status) => {
                     let mut message = status.message().to_string();
-                    // A TLS server answers plaintext HTTP/2 with a protocol
+                    // A TLS server responds to plaintext HTTP/2 with a protocol
                     // error that does not mention TLS.
                     if self.address.starts_with("http://") && message.contains("h2 protocol error")
                     {

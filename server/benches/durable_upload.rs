@@ -57,7 +57,7 @@ impl Mode {
     }
 
     /// A store joined by participants `p0..p{participants}`, and the
-    /// directory that holds its database.
+    /// directory that contains its database.
     fn store(self, participants: usize) -> Result<(Store, Option<tempfile::TempDir>), StateError> {
         let (store, dir) = match self {
             Mode::Memory => (Store::new(), None),

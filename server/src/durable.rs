@@ -2,7 +2,7 @@
 //! (`state.redb` in the state directory).
 //!
 //! Every change of the state is one redb write transaction, committed with
-//! immediate durability and two-phase commit before the server answers the
+//! immediate durability and two-phase commit before the server returns from the
 //! call, so an acknowledged upload survives a kill of the process at any
 //! moment. Two-phase commit makes the newest commit authoritative: damage to
 //! it is reported as corruption instead of being rolled back silently to the
@@ -50,7 +50,7 @@ use crate::store::{ModelInfo, ParticipantRecord};
 /// File name of the database inside the state directory.
 pub const DATABASE_FILE: &str = "state.redb";
 
-/// Parameters per stored chunk. Each chunk holds 16 bytes per parameter (an
+/// Parameters per stored chunk. Each chunk contains 16 bytes per parameter (an
 /// f64 value and a u64 counter), so 4096 parameters make a 64 KiB value.
 pub const CHUNK_PARAMETERS: usize = 4096;
 
@@ -71,7 +71,7 @@ type ParticipantRow = (u64, u64, u64, f64, u64);
 /// Tuning of the durable state.
 #[derive(Clone, Copy, Debug)]
 pub struct DurableOptions {
-    /// A checkpoint is written once the log holds more parameter changes
+    /// A checkpoint is written once the log contains more parameter changes
     /// than this many times the parameter count. It bounds the replay at a
     /// restart to this many full passes over the parameters. 0 writes a
     /// checkpoint with every upload, so each upload rewrites the chunks that
@@ -87,7 +87,7 @@ impl Default for DurableOptions {
     }
 }
 
-/// Why the durable state could not be opened or written.
+/// Error in opening or writing the durable state.
 #[derive(Debug, Error)]
 pub enum StateError {
     /// The state directory cannot be created or read.
@@ -142,7 +142,7 @@ pub enum StateError {
     Corrupt {
         /// The database file.
         path: PathBuf,
-        /// What redb or the format check found.
+        /// The problem that redb or the format check found.
         detail: String,
     },
     /// The file is a valid state database that this server cannot serve.
@@ -150,7 +150,7 @@ pub enum StateError {
     Incompatible {
         /// The database file.
         path: PathBuf,
-        /// What does not match.
+        /// The mismatch.
         detail: String,
     },
     /// A commit failed; the change it carried was not applied.
@@ -544,7 +544,7 @@ fn create(path: &Path, ordering: Ordering) -> Result<(), StateError> {
         .map_err(|error| failed(error.to_string()))
 }
 
-/// What [`verify_and_read`] finds in a database.
+/// Result of [`verify_and_read`] on a database.
 #[derive(Debug)]
 struct Verified {
     restored: Restored,
@@ -815,7 +815,7 @@ fn chunk_range(chunk: usize, n: usize) -> std::ops::Range<usize> {
     chunk * CHUNK_PARAMETERS..((chunk + 1) * CHUNK_PARAMETERS).min(n)
 }
 
-/// The chunks that the increasing `indices` fall in.
+/// Returns the chunks that the increasing `indices` fall in.
 fn touched_chunks(indices: &[u32]) -> impl Iterator<Item = u32> + '_ {
     let mut last = None;
     indices.iter().filter_map(move |&index| {

@@ -88,7 +88,7 @@ struct Args {
     state_dir: Option<PathBuf>,
 
     /// With --state-dir: write a checkpoint of the parameters once the
-    /// upload log holds more changes than this many times the parameter
+    /// upload log contains more changes than this many times the parameter
     /// count. Larger values make uploads cheaper and restarts slower; 0
     /// writes a checkpoint with every upload.
     #[arg(long, env = "DSSGD_CHECKPOINT_FACTOR", default_value_t = 4)]
@@ -400,7 +400,7 @@ async fn check_health(args: &Args, health: &HealthArgs) -> i32 {
         domain: health.domain.clone(),
     };
     // A probe of the local TLS server trusts its client CA and presents the
-    // server's own certificate, unless told otherwise.
+    // server's own certificate, unless the probe's own TLS options are given.
     if health.addr.is_none() && !files.is_set() && args.tls_cert.is_some() {
         let Some(client_ca) = &args.client_ca else {
             eprintln!(

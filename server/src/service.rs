@@ -389,34 +389,35 @@ fn to_proto_ordering(ordering: Ordering) -> pb::Ordering {
     }
 }
 
-/// Runs one request's handler on the blocking pool, because decoding,
-/// validating and copying a large slice is CPU work that would stall the
-/// reactor threads, and converts its rejection into a logged status.
-async fn off_reactor<T, F>(
-    metrics: &Metrics,
-    calls: &Arc<Semaphore>,
-    limit: usize,
-    rpc: &'static str,
-    participant: String,
-    handler: F,
-) -> Result<Response<T>, Status>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, ServerError> + Send + 'static,
-{
-    // A call over the limit is rejected at once instead of queueing, so the
-    // memory held by waiting requests stays bounded.
-    let Ok(permit) = Arc::clone(calls).try_acquire_owned() else {
-        let overloaded = Err(ServerError::Overloaded { limit });
-        return finish(metrics, rpc, &participant, overloaded).map(Response::new);
-    };
-    let result = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        handler()
-    })
-    .await
-    .map_err(|error| Status::internal(format!("{rpc} task failed: {error}")))?;
-    finish(metrics, rpc, &participant, result).map(Response::new)
+impl Service {
+    /// Runs one request's handler on the blocking pool, because decoding,
+    /// validating and copying a large slice is CPU work that would stall the
+    /// reactor threads, and converts its rejection into a logged status.
+    async fn off_reactor<T, F>(
+        &self,
+        rpc: &'static str,
+        participant: String,
+        handler: F,
+    ) -> Result<Response<T>, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, ServerError> + Send + 'static,
+    {
+        // A call over the limit is rejected at once instead of queueing, so
+        // the memory held by waiting requests stays bounded.
+        let Ok(permit) = Arc::clone(&self.calls).try_acquire_owned() else {
+            let limit = self.config.max_concurrent_calls;
+            let overloaded = Err(ServerError::Overloaded { limit });
+            return finish(&self.metrics, rpc, &participant, overloaded).map(Response::new);
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            handler()
+        })
+        .await
+        .map_err(|error| Status::internal(format!("{rpc} task failed: {error}")))?;
+        finish(&self.metrics, rpc, &participant, result).map(Response::new)
+    }
 }
 
 /// Counts a finished call. A rejection is also logged once at warn with its
@@ -445,15 +446,8 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        off_reactor(
-            &self.metrics,
-            &self.calls,
-            self.config.max_concurrent_calls,
-            "Join",
-            participant,
-            move || service.handle_join(request),
-        )
-        .await
+        self.off_reactor("Join", participant, move || service.handle_join(request))
+            .await
     }
 
     async fn download_parameters(
@@ -468,14 +462,9 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        off_reactor(
-            &self.metrics,
-            &self.calls,
-            self.config.max_concurrent_calls,
-            "DownloadParameters",
-            participant,
-            move || service.handle_download(request),
-        )
+        self.off_reactor("DownloadParameters", participant, move || {
+            service.handle_download(request)
+        })
         .await
     }
 
@@ -491,14 +480,9 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         let service = self.clone();
-        off_reactor(
-            &self.metrics,
-            &self.calls,
-            self.config.max_concurrent_calls,
-            "UploadGradients",
-            participant,
-            move || service.handle_upload(request),
-        )
+        self.off_reactor("UploadGradients", participant, move || {
+            service.handle_upload(request)
+        })
         .await
     }
 

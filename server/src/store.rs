@@ -106,7 +106,7 @@ pub struct Store {
     max_staleness: AtomicU64,
 }
 
-/// Where the store keeps its state besides memory.
+/// Storage of the state besides memory.
 #[derive(Debug, Default)]
 enum Persistence {
     #[default]
@@ -114,7 +114,7 @@ enum Persistence {
     Durable(DurableState),
 }
 
-/// What [`Store::open_durable`] found and restored.
+/// Result of [`Store::open_durable`]: what it found and restored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RestoreReport {
     /// The database file.
@@ -214,7 +214,7 @@ impl Store {
             .store(max.unwrap_or(0), AtomicOrdering::Relaxed);
     }
 
-    /// Whether the state survives a restart.
+    /// Returns whether the state survives a restart.
     pub fn is_durable(&self) -> bool {
         matches!(*self.persistence.lock(), Persistence::Durable(_))
     }
@@ -235,7 +235,8 @@ impl Store {
         }
     }
 
-    /// The durable state's checkpoint status; `None` for an in-memory store.
+    /// Returns the durable state's checkpoint status, or `None` for an
+    /// in-memory store.
     pub fn checkpoint_status(&self) -> Option<crate::durable::CheckpointStatus> {
         match &*self.persistence.lock() {
             Persistence::Durable(durable) => Some(durable.checkpoint_status()),

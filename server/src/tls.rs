@@ -40,7 +40,7 @@ pub enum TlsError {
         "the {what} {path} holds no PEM {kind} block; expected a file that contains \"-----BEGIN {kind}\""
     )]
     NotPem {
-        /// Which file it is.
+        /// Kind of file.
         what: &'static str,
         /// The file.
         path: PathBuf,
@@ -58,7 +58,7 @@ pub enum TlsError {
     /// A certificate could not be generated or written.
     #[error("failed to generate {what}: {detail}")]
     Generate {
-        /// What was being generated.
+        /// The item being generated.
         what: String,
         /// rcgen's or the file system's error.
         detail: String,
@@ -137,7 +137,7 @@ pub struct ClientTlsFiles {
 }
 
 impl ClientTlsFiles {
-    /// Whether any TLS file or setting is given.
+    /// Returns whether any TLS file or setting is given.
     pub fn is_set(&self) -> bool {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.domain.is_some()
     }

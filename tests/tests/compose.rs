@@ -309,7 +309,7 @@ fn server_status(address: &str) -> pb::StatusResponse {
     })
 }
 
-/// Returns the server's status, or `None` while it does not answer.
+/// Returns the server's status, or `None` while it does not respond.
 fn try_server_status(address: &str) -> Option<pb::StatusResponse> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -564,7 +564,7 @@ fn compose_partitioned_participant_resumes() {
     docker(&["network", "connect", &network, &victim]);
     // The engine may hand p002 another address. Its open connection then
     // cannot resume, and the client's HTTP/2 keepalive (a ping every 10 s,
-    // 20 s to answer) detects that and reconnects.
+    // 20 s for the reply) detects that and reconnects.
     let reconnected_address = project.address_of(&victim);
     let same_address = if reconnected_address == victim_address {
         "the same address".to_string()

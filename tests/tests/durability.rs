@@ -285,8 +285,8 @@ fn kill_during_uploads_keeps_acknowledged() {
         .map(|_| Arc::new(AtomicU64::new(0)))
         .collect();
     // Checkpoint factor 0 writes a checkpoint with every upload, so every
-    // kill in those rounds falls in or next to a checkpoint's commit; factor
-    // 1 checkpoints every tenth upload and replays the log at restart.
+    // kill in those rounds falls in or next to a checkpoint's commit. Factor
+    // 1 checkpoints every tenth upload, so a restart replays the log.
     let factors = [0, 1, 0, 1];
     let mut total_kills = 0;
     let mut committed_unacknowledged = 0;

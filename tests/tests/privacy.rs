@@ -11,7 +11,7 @@ use dssgd_tests::{ChildGuard, binary, mnist_dir, read_json, start_server};
 
 const PARTICIPANTS: usize = 3;
 
-/// Starts participant `index` with a privacy ledger in `dir`; `extra` holds
+/// Starts participant `index` with a privacy ledger in `dir`; `extra` contains
 /// its privacy flags.
 fn private_participant(
     index: usize,
