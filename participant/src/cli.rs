@@ -12,7 +12,7 @@ use dssgd_common::config::{
     Ordering, check_non_negative, check_participant_id, check_positive, check_unit_closed,
     check_unit_open_closed,
 };
-use dssgd_common::shard::ShardPlan;
+use dssgd_common::shard::{LabelSkew, ShardPlan};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -57,6 +57,13 @@ pub enum Command {
     /// Download the global parameters from a server and report their test
     /// accuracy.
     Evaluate(EvaluateArgs),
+    /// Run a grid of simulations and baselines from a TOML file, resuming
+    /// finished cells, and write tables, plots and a Markdown report.
+    Experiment(crate::experiment::ExperimentArgs),
+    /// Host several consecutive participants in this process, each with its
+    /// own model, shard and connection (used by simulate and experiment).
+    #[command(hide = true)]
+    Host(crate::host::HostArgs),
     /// Run a whole federation on this machine: a server and N participant
     /// processes on loopback, plus both baselines, then print a comparison.
     Simulate(crate::simulate::SimulateArgs),
@@ -94,6 +101,13 @@ pub struct TrainingArgs {
     /// Seed of the split of the training set among participants.
     #[arg(long, env = "DSSGD_DATA_SEED", default_value_t = 1)]
     pub data_seed: u64,
+
+    /// Split the training set non-IID: draw each participant's label
+    /// proportions from a symmetric Dirichlet distribution with this
+    /// concentration (0.1 gives each participant one or two dominant
+    /// classes; 100 is close to IID). Without it the split is IID.
+    #[arg(long, env = "DSSGD_DIRICHLET_ALPHA", allow_negative_numbers = true)]
+    pub dirichlet_alpha: Option<f64>,
 
     /// Seed of the initial parameters (the same in every process).
     #[arg(long, env = "DSSGD_INIT_SEED", default_value_t = 42)]
@@ -411,6 +425,9 @@ impl TrainingArgs {
             bail!("invalid participants 0: expected at least 1");
         }
         check_unit_open_closed("shard-fraction", self.shard_fraction)?;
+        if let Some(alpha) = self.dirichlet_alpha {
+            check_positive("dirichlet-alpha", alpha)?;
+        }
         if self.epochs == 0 {
             bail!("invalid epochs 0: expected at least 1");
         }
@@ -456,11 +473,53 @@ impl TrainingArgs {
         }
     }
 
+    /// Example indices of the shards of participants `indices`, IID or
+    /// label-skewed as the settings say, each in increasing order.
+    pub fn shards(&self, train: &Dataset, indices: &[usize]) -> Vec<Vec<usize>> {
+        let plan = self.shard_plan(train.len());
+        match self.dirichlet_alpha {
+            None => indices.iter().map(|&index| plan.shard(index)).collect(),
+            Some(alpha) => {
+                let labels = train.class_labels();
+                let mut all = LabelSkew {
+                    plan,
+                    alpha,
+                    labels: &labels,
+                    classes: crate::data::CLASS_COUNT,
+                }
+                .shards();
+                indices
+                    .iter()
+                    .map(|&index| std::mem::take(&mut all[index]))
+                    .collect()
+            }
+        }
+    }
+
+    /// Sorted union of every participant's shard: the training set of the
+    /// centralized baseline.
+    pub fn union(&self, train: &Dataset) -> Vec<usize> {
+        let all: Vec<usize> = (0..self.participants).collect();
+        let mut union: Vec<usize> = self.shards(train, &all).into_iter().flatten().collect();
+        union.sort_unstable();
+        union.dedup();
+        union
+    }
+
+    /// Sets libtorch's intra-op thread count to `threads` and, the first
+    /// time, its inter-op thread count to 1.
+    pub fn set_threads(threads: usize) {
+        tch::set_num_threads(threads as i32);
+        // libtorch accepts the inter-op thread count only once per process,
+        // before any parallel work; a later call aborts.
+        static INTEROP: std::sync::Once = std::sync::Once::new();
+        INTEROP.call_once(|| tch::set_num_interop_threads(1));
+    }
+
     /// Sets libtorch's thread count, finds the device and loads MNIST.
-    fn prepare(&self) -> anyhow::Result<(tch::Device, Mnist)> {
+    pub(crate) fn prepare(&self) -> anyhow::Result<(tch::Device, Mnist)> {
         self.validate()?;
-        tch::set_num_threads(self.threads as i32);
-        tch::set_num_interop_threads(1);
+        TrainingArgs::set_threads(self.threads);
         let device = resolve_device(self.device)?;
         ensure_mnist(&self.data_dir, self.download)?;
         let mnist = load_mnist(&self.data_dir)?;
@@ -468,7 +527,7 @@ impl TrainingArgs {
     }
 
     /// Builds a fresh model with the shared initial parameters, and its optimizer.
-    fn fresh_model(&self, device: tch::Device) -> anyhow::Result<(Model, LocalTrainer)> {
+    pub(crate) fn fresh_model(&self, device: tch::Device) -> anyhow::Result<(Model, LocalTrainer)> {
         let model = Model::new(self.model, device, self.init_seed);
         let trainer = LocalTrainer::new(&model, self.sgd())?;
         Ok((model, trainer))
@@ -532,7 +591,7 @@ impl SharingArgs {
 }
 
 /// Seed of participant `index`'s shuffles: distinct per participant.
-fn participant_seed(data_seed: u64, index: usize) -> u64 {
+pub(crate) fn participant_seed(data_seed: u64, index: usize) -> u64 {
     data_seed
         .wrapping_mul(1_000_003)
         .wrapping_add(index as u64 + 1)
@@ -577,40 +636,21 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
         )?
     };
     let (device, mnist) = training.prepare()?;
-    let shard = training.shard_plan(mnist.train.len()).shard(args.index);
+    let shard = training.shards(&mnist.train, &[args.index]).swap_remove(0);
     let train = mnist.train.subset(&shard).to_device(device);
     let test = mnist.test.to_device(device);
     drop(mnist);
-    let (model, trainer) = training.fresh_model(device)?;
-    info!(participant = %participant_id, examples = train.len(), device = ?device, "shard loaded");
-
-    let config = CollaborativeConfig {
-        epochs: training.epochs,
-        theta_u: args.sharing.theta_u,
-        theta_d: args.sharing.theta_d,
-        gamma: args.sharing.gamma,
-        tau: args.sharing.tau,
-        selection: args.sharing.selection(),
-        eval_every: training.eval_every,
-        privacy: args.sharing.privacy(&participant_id),
-    };
-    let mut participant = Participant {
-        model,
-        trainer,
+    let seat = Seat {
+        training,
+        sharing: &args.sharing,
+        index: args.index,
+        device,
         train: &train,
         test: &test,
-        rng: ChaCha8Rng::seed_from_u64(participant_seed(training.data_seed, args.index)),
+        standalone_baseline: args.standalone_baseline,
     };
-    let mut metrics = run_collaborative(&runtime, &mut client, &mut participant, &config, |_| {})?;
+    let mut metrics = seat.run(&runtime, &mut client)?;
     metrics.config = serde_json::to_value(args)?;
-    if args.standalone_baseline {
-        // Same shard, initial parameters and shuffle seed as the standalone
-        // subcommand, so both give the same result.
-        let seed = participant_seed(training.data_seed, args.index);
-        let name = participant_id.clone();
-        let alone = train_baseline(training, device, name, "standalone", &train, &test, seed)?;
-        metrics.standalone_accuracy = Some(alone.final_accuracy);
-    }
     if let Some(path) = &training.metrics {
         metrics
             .write(path)
@@ -641,6 +681,74 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
         println!("{participant_id}: standalone accuracy {accuracy:.4}");
     }
     Ok(())
+}
+
+/// One participant's place in a process, which may host several: its
+/// settings, shard and device.
+pub(crate) struct Seat<'a> {
+    /// Data, model and training settings.
+    pub training: &'a TrainingArgs,
+    /// Sharing settings, with this participant's privacy ledger.
+    pub sharing: &'a SharingArgs,
+    /// Index in 0..participants.
+    pub index: usize,
+    /// Device the shard and model live on.
+    pub device: tch::Device,
+    /// The participant's shard.
+    pub train: &'a Dataset,
+    /// The test set.
+    pub test: &'a Dataset,
+    /// Also train the standalone baseline on the same shard.
+    pub standalone_baseline: bool,
+}
+
+impl Seat<'_> {
+    /// Runs the collaborative loop through `client`, then the standalone
+    /// baseline when asked, and returns the metrics.
+    pub(crate) fn run(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        client: &mut Client,
+    ) -> anyhow::Result<RunMetrics> {
+        let training = self.training;
+        let participant_id = client.participant_id().to_string();
+        let (model, trainer) = training.fresh_model(self.device)?;
+        info!(participant = %participant_id, examples = self.train.len(), device = ?self.device, "shard loaded");
+        let config = CollaborativeConfig {
+            epochs: training.epochs,
+            theta_u: self.sharing.theta_u,
+            theta_d: self.sharing.theta_d,
+            gamma: self.sharing.gamma,
+            tau: self.sharing.tau,
+            selection: self.sharing.selection(),
+            eval_every: training.eval_every,
+            privacy: self.sharing.privacy(&participant_id),
+        };
+        let seed = participant_seed(training.data_seed, self.index);
+        let mut participant = Participant {
+            model,
+            trainer,
+            train: self.train,
+            test: self.test,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        };
+        let mut metrics = run_collaborative(runtime, client, &mut participant, &config, |_| {})?;
+        if self.standalone_baseline {
+            // Same shard, initial parameters and shuffle seed as the
+            // standalone subcommand, so both give the same result.
+            let alone = train_baseline(
+                training,
+                self.device,
+                participant_id,
+                "standalone",
+                self.train,
+                self.test,
+                seed,
+            )?;
+            metrics.standalone_accuracy = Some(alone.final_accuracy);
+        }
+        Ok(metrics)
+    }
 }
 
 /// Downloads every global parameter from the server at `address` into a
@@ -722,7 +830,7 @@ struct StandaloneSummary {
     config: BaselineArgs,
 }
 
-fn train_baseline(
+pub(crate) fn train_baseline(
     training: &TrainingArgs,
     device: tch::Device,
     name: String,
@@ -766,6 +874,8 @@ fn train_baseline(
         wall_seconds: started.elapsed().as_secs_f64(),
         privacy: None,
         stopped_early: None,
+        hosted_participants: None,
+        process_peak_rss_bytes: None,
         config: serde_json::Value::Null,
     })
 }
@@ -774,7 +884,6 @@ fn train_baseline(
 pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
     let training = &args.training;
     let (device, mnist) = training.prepare()?;
-    let plan = training.shard_plan(mnist.train.len());
     let indices: Vec<usize> = match args.index {
         Some(index) if index >= training.participants => bail!(
             "invalid index {index}: expected a number below participants ({})",
@@ -786,7 +895,8 @@ pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
     let test = mnist.test.to_device(device);
     let mut runs = Vec::with_capacity(indices.len());
     for &index in &indices {
-        let train = mnist.train.subset(&plan.shard(index)).to_device(device);
+        let shard = training.shards(&mnist.train, &[index]).swap_remove(0);
+        let train = mnist.train.subset(&shard).to_device(device);
         let seed = participant_seed(training.data_seed, index);
         let name = format!("p{index:03}");
         runs.push(train_baseline(
@@ -832,7 +942,7 @@ pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
 pub fn centralized(args: &BaselineArgs) -> anyhow::Result<()> {
     let training = &args.training;
     let (device, mnist) = training.prepare()?;
-    let union = training.shard_plan(mnist.train.len()).union();
+    let union = training.union(&mnist.train);
     let train = mnist.train.subset(&union).to_device(device);
     let test = mnist.test.to_device(device);
     let mut metrics = train_baseline(

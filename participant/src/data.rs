@@ -320,6 +320,25 @@ impl Dataset {
         }
     }
 
+    /// Returns the class of every example, in order.
+    pub fn class_labels(&self) -> Vec<u8> {
+        let labels = Vec::<i64>::try_from(&self.labels.to_device(Device::Cpu))
+            .expect("labels are an i64 tensor");
+        labels
+            .into_iter()
+            .map(|label| u8::try_from(label).expect("labels are class indices below 256"))
+            .collect()
+    }
+
+    /// Returns a dataset that shares this one's storage, for another thread
+    /// to read.
+    pub fn shallow_clone(&self) -> Dataset {
+        Dataset {
+            images: self.images.shallow_clone(),
+            labels: self.labels.shallow_clone(),
+        }
+    }
+
     /// Copies the dataset to `device`.
     pub fn to_device(&self, device: Device) -> Dataset {
         Dataset {

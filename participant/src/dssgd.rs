@@ -405,6 +405,8 @@ pub fn run_collaborative<R: Rng>(
         wall_seconds: started.elapsed().as_secs_f64(),
         privacy: private.map(|state| state.summary()),
         stopped_early,
+        hosted_participants: None,
+        process_peak_rss_bytes: None,
         config: serde_json::to_value(config).unwrap_or_default(),
     })
 }

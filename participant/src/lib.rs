@@ -8,6 +8,9 @@
 //! - [`device`]: CPU or CUDA choice.
 //! - [`client`]: the gRPC client with retries.
 //! - [`dssgd`]: the collaborative loop and the baselines' training loop.
+//! - [`host`]: several participants in one process.
+//! - [`experiment`], [`report`], [`plot`]: the experiment runner, its
+//!   tables and report, and its charts.
 //! - [`ledger`]: the privacy ledger on disk and the budget check.
 //! - [`metrics`]: the JSON record of a run.
 //! - [`cli`]: the command-line interface, including the local simulation.
@@ -17,8 +20,12 @@ pub mod client;
 pub mod data;
 pub mod device;
 pub mod dssgd;
+pub mod experiment;
+pub mod host;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
+pub mod plot;
+pub mod report;
 pub mod simulate;
 pub mod train;

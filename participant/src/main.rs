@@ -22,6 +22,8 @@ fn main() {
         Command::Standalone(args) => standalone(args),
         Command::Centralized(args) => centralized(args),
         Command::Evaluate(args) => evaluate(args),
+        Command::Experiment(args) => dssgd_participant::experiment::experiment(args),
+        Command::Host(args) => dssgd_participant::host::host(args),
         Command::Simulate(args) => simulate(args).map(|_| ()),
     };
     if let Err(error) = result {

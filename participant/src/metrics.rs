@@ -90,6 +90,13 @@ pub struct RunMetrics {
     /// Why the run stopped before its last epoch, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped_early: Option<String>,
+    /// Participants hosted by the process that ran this one, when it hosted
+    /// several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosted_participants: Option<usize>,
+    /// Peak resident memory of that process, in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_peak_rss_bytes: Option<u64>,
     /// The effective settings of the run.
     pub config: serde_json::Value,
 }

@@ -21,6 +21,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::cli::{SharingArgs, TrainingArgs, TransportArgs, parse_ordering};
 use crate::data::ensure_mnist;
+use crate::host::participant_id;
 use crate::metrics::significant;
 
 /// Settings of a local simulation.
@@ -62,6 +63,42 @@ pub struct SimulateArgs {
     /// Do not download MNIST when --data-dir lacks it.
     #[arg(long)]
     pub no_download: bool,
+
+    /// Participants hosted by each participant process, each with its own
+    /// model, shard and connection (0: one per process up to 32
+    /// participants, then as few as keep 32 processes). Hosting several
+    /// saves the memory of one libtorch and test set per participant.
+    #[arg(long, env = "DSSGD_PARTICIPANTS_PER_PROCESS", default_value_t = 0)]
+    pub participants_per_process: usize,
+}
+
+/// Most participant processes `simulate` starts when it chooses how many
+/// participants each process hosts.
+const MAX_AUTO_PROCESSES: usize = 32;
+
+impl SimulateArgs {
+    /// Participants per process, resolved from the setting.
+    pub fn per_process(&self) -> usize {
+        match self.participants_per_process {
+            0 => self
+                .training
+                .participants
+                .div_ceil(MAX_AUTO_PROCESSES)
+                .max(1),
+            count => count,
+        }
+    }
+}
+
+/// Progress of a running simulation, for a caller that draws it.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Uploads the server has applied.
+    pub uploads: u64,
+    /// Uploads the whole run makes (participants times epochs).
+    pub total: u64,
+    /// Global version and the processes still running.
+    pub message: String,
 }
 
 /// The comparison printed and written at the end of a simulation.
@@ -99,6 +136,11 @@ pub struct Summary {
     pub privacy: Option<PrivacyTotals>,
     /// Participants that stopped before their last epoch, with the reason.
     pub stopped_early: Vec<String>,
+    /// Participants hosted by each participant process.
+    pub participants_per_process: usize,
+    /// Peak resident memory of one participant process divided by the
+    /// participants it hosted, the largest over processes, in bytes.
+    pub peak_rss_per_participant_bytes: Option<u64>,
     /// Every setting of the run.
     pub config: SimulateArgs,
 }
@@ -174,10 +216,14 @@ fn training_flags(training: &TrainingArgs) -> Vec<String> {
         ("--device", device),
         ("--threads", training.threads.to_string()),
     ];
-    pairs
+    let mut flags: Vec<String> = pairs
         .into_iter()
         .flat_map(|(flag, value)| [flag.to_string(), value])
-        .collect()
+        .collect();
+    if let Some(alpha) = training.dirichlet_alpha {
+        flags.extend(["--dirichlet-alpha".to_string(), alpha.to_string()]);
+    }
+    flags
 }
 
 fn sharing_flags(sharing: &SharingArgs) -> Vec<String> {
@@ -295,8 +341,43 @@ fn start_server(
     Ok((server, format!("https://{address}")))
 }
 
-/// Runs the simulation and prints the comparison.
+/// Runs the simulation, showing a progress bar, and prints the comparison.
 pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} uploads, ETA {eta} {msg}",
+        )
+        .expect("the progress template is valid")
+        .progress_chars("=> "),
+    );
+    let mut last_report = Instant::now();
+    let result = run(args, &mut |progress: &Progress| {
+        bar.set_length(progress.total);
+        bar.set_position(progress.uploads);
+        bar.set_message(progress.message.clone());
+        // Without a terminal the bar is hidden; print a line a minute.
+        if bar.is_hidden() && last_report.elapsed() >= Duration::from_secs(60) {
+            eprintln!(
+                "progress: {}/{} uploads, {}",
+                progress.uploads, progress.total, progress.message
+            );
+            last_report = Instant::now();
+        }
+    });
+    match &result {
+        Ok(summary) => {
+            bar.finish();
+            print_summary(summary);
+        }
+        Err(_) => bar.abandon(),
+    }
+    result
+}
+
+/// Runs the simulation, calling `on_progress` about twice a second, and
+/// writes its summary to `output/summary.json`.
+pub fn run(args: &SimulateArgs, on_progress: &mut dyn FnMut(&Progress)) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let training = &args.training;
     training.validate()?;
@@ -330,41 +411,43 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
     let tls_dir = args.output.join("tls");
     generate_certificates(&tls_dir, training.participants)?;
     let (server, address) = start_server(args, &logs, &tls_dir)?;
-    eprintln!("parameter server at {address}; logs in {}", logs.display());
+    tracing::debug!(%address, logs = %logs.display(), "parameter server started");
 
-    let mut participants = Vec::with_capacity(training.participants);
-    for index in 0..training.participants {
-        let mut flags = vec!["collaborate".to_string()];
+    let per_process = args.per_process();
+    let mut participants = Vec::new();
+    for first in (0..training.participants).step_by(per_process) {
+        let count = per_process.min(training.participants - first);
+        let mut flags = vec!["host".to_string()];
         flags.extend(training_flags(training));
         flags.extend(sharing_flags(&args.sharing));
-        flags.extend(client_transport(&address, &tls_dir, &format!("p{index:03}")).flags());
         flags.extend([
-            "--index".into(),
-            index.to_string(),
-            "--metrics".into(),
-            results
-                .join(format!("p{index:03}.json"))
-                .display()
-                .to_string(),
+            "--server".into(),
+            address.clone(),
+            "--tls-dir".into(),
+            tls_dir.display().to_string(),
+            "--first-index".into(),
+            first.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--metrics-dir".into(),
+            results.display().to_string(),
         ]);
         if private {
-            flags.extend([
-                "--privacy-ledger".into(),
-                ledgers
-                    .join(format!("p{index:03}.jsonl"))
-                    .display()
-                    .to_string(),
-            ]);
+            flags.extend(["--ledger-dir".into(), ledgers.display().to_string()]);
         }
         if !args.skip_baselines {
             flags.push("--standalone-baseline".into());
         }
-        participants.push(spawn(
-            &format!("p{index:03}"),
-            &participant_bin,
-            &flags,
-            &logs,
-        )?);
+        let name = if count == 1 {
+            participant_id(first)
+        } else {
+            format!(
+                "{}-{}",
+                participant_id(first),
+                participant_id(first + count - 1)
+            )
+        };
+        participants.push(spawn(&name, &participant_bin, &flags, &logs)?);
     }
     let mut baselines = Vec::new();
     if !args.skip_baselines {
@@ -386,7 +469,13 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
     }
 
     let observer = client_transport(&address, &tls_dir, OBSERVER_ID);
-    let status = wait_with_progress(args, &observer, &mut participants, &mut baselines)?;
+    let status = wait_with_progress(
+        args,
+        &observer,
+        &mut participants,
+        &mut baselines,
+        on_progress,
+    )?;
     let (global_accuracy, version) = crate::cli::evaluate_global(training, &observer)?;
     drop(server);
 
@@ -403,7 +492,6 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
             status.participants.iter().map(|p| p.private_uploads).sum();
     }
     crate::metrics::write_json(&args.output.join("summary.json"), &summary)?;
-    print_summary(&summary);
     Ok(summary)
 }
 
@@ -415,16 +503,9 @@ fn wait_with_progress(
     observer: &TransportArgs,
     participants: &mut [Managed],
     baselines: &mut [Managed],
+    on_progress: &mut dyn FnMut(&Progress),
 ) -> anyhow::Result<Option<dssgd_proto::v1::StatusResponse>> {
     let total = (args.training.participants * args.training.epochs) as u64;
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} uploads, ETA {eta} {msg}",
-        )
-        .expect("the progress template is valid")
-        .progress_chars("=> "),
-    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -441,18 +522,10 @@ fn wait_with_progress(
             },
         )?
     };
-    // SIGINT or SIGTERM sets this flag; the loop then returns an error, and
-    // dropping the process guards stops every child, the server included.
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [SIGINT, SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("failed to install the signal handler")?;
-    }
-    let mut last_report = Instant::now();
+    let stop = stop_flag()?;
     let mut last_status = None;
     loop {
         if stop.load(AtomicOrdering::Relaxed) {
-            bar.abandon();
             bail!("interrupted; stopped the server and every participant");
         }
         let mut running = Vec::new();
@@ -461,7 +534,6 @@ fn wait_with_progress(
                 None => running.push(child.name.clone()),
                 Some(status) if status.success() => {}
                 Some(status) => {
-                    bar.abandon();
                     bail!(
                         "{} exited with {status}; its log is {}",
                         child.name,
@@ -472,30 +544,44 @@ fn wait_with_progress(
         }
         if let Ok(status) = runtime.block_on(status_client.status()) {
             let uploads: u64 = status.participants.iter().map(|p| p.uploads).sum();
-            bar.set_position(uploads);
             // Once the uploads are done, the rest is evaluation and baselines.
             let waiting = if running.len() <= 3 {
                 format!(", running: {}", running.join(", "))
             } else {
                 format!(", {} processes running", running.len())
             };
-            bar.set_message(format!("version {}{waiting}", status.version));
-            // Without a terminal the bar is hidden; print a line a minute.
-            if bar.is_hidden() && last_report.elapsed() >= Duration::from_secs(60) {
-                eprintln!(
-                    "progress: {uploads}/{total} uploads, version {}{waiting}",
-                    status.version
-                );
-                last_report = Instant::now();
-            }
+            on_progress(&Progress {
+                uploads,
+                total,
+                message: format!("version {}{waiting}", status.version),
+            });
             last_status = Some(status);
         }
         if running.is_empty() {
-            bar.finish();
             return Ok(last_status);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The flag that SIGINT and SIGTERM set, installed once per process. A
+/// caller that sees it set returns an error, and dropping the process
+/// guards stops every child, the server included. A second signal ends the
+/// process at once.
+pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(Arc::clone(flag));
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // A second signal, once the flag is set, ends the process at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&flag))
+            .context("failed to install the signal handler")?;
+        signal_hook::flag::register(signal, Arc::clone(&flag))
+            .context("failed to install the signal handler")?;
+    }
+    Ok(Arc::clone(FLAG.get_or_init(|| flag)))
 }
 
 fn read_json(path: &Path) -> anyhow::Result<Value> {
@@ -510,12 +596,17 @@ fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::
     let (mut bytes_sent, mut bytes_received) = (0, 0);
     let mut privacy: Option<PrivacyTotals> = None;
     let mut stopped_early = Vec::new();
+    let mut peak_per_participant = None;
     for index in 0..args.training.participants {
         let metrics = read_json(&results.join(format!("p{index:03}.json")))?;
         accuracies.push(metrics["final_accuracy"].as_f64().unwrap_or(f64::NAN));
         standalone.extend(metrics["standalone_accuracy"].as_f64());
         bytes_sent += metrics["bytes_sent"].as_u64().unwrap_or(0);
         bytes_received += metrics["bytes_received"].as_u64().unwrap_or(0);
+        if let Some(peak) = metrics["process_peak_rss_bytes"].as_u64() {
+            let hosted = metrics["hosted_participants"].as_u64().unwrap_or(1).max(1);
+            peak_per_participant = peak_per_participant.max(Some(peak / hosted));
+        }
         if let Some(reason) = metrics["stopped_early"].as_str() {
             stopped_early.push(format!("p{index:03}: {reason}"));
         }
@@ -556,6 +647,8 @@ fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::
         wall_seconds: elapsed.as_secs_f64(),
         privacy,
         stopped_early,
+        participants_per_process: args.per_process(),
+        peak_rss_per_participant_bytes: peak_per_participant,
         config: args.clone(),
     })
 }
@@ -610,6 +703,13 @@ fn print_summary(summary: &Summary) {
             significant(privacy.server_epsilon_max, 6),
             privacy.server_private_uploads,
             privacy.private_uploads
+        );
+    }
+    if let Some(bytes) = summary.peak_rss_per_participant_bytes {
+        println!(
+            "  memory: {:.0} MiB peak per participant ({} per process)",
+            bytes as f64 / (1 << 20) as f64,
+            summary.participants_per_process
         );
     }
     for line in &summary.stopped_early {
