@@ -19,7 +19,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::client::{Client, RetryPolicy};
-use crate::data::{Dataset, Mnist, ensure_mnist, load_mnist};
+use crate::data::{Dataset, DatasetKind, Splits};
 use crate::device::{DeviceChoice, resolve_device};
 use crate::dssgd::{
     CollaborativeConfig, Epsilon, Participant, PrivacyConfig, Selection, run_collaborative,
@@ -32,8 +32,8 @@ use crate::train::{LocalTrainer, SgdConfig};
 /// Largest accepted `--threads`.
 const MAX_THREADS: usize = 1024;
 
-/// DSSGD participant: trains on a private shard of MNIST with libtorch and
-/// shares selected, bounded parameter changes with a parameter server.
+/// DSSGD participant: trains on a private shard of MNIST or SVHN with libtorch
+/// and shares selected, bounded parameter changes with a parameter server.
 #[derive(Debug, Parser)]
 #[command(version)]
 pub struct Cli {
@@ -69,12 +69,19 @@ pub struct TrainingArgs {
     #[arg(long, env = "DSSGD_MODEL", value_enum, default_value = "mlp")]
     pub model: ModelKind,
 
-    /// Folder with the MNIST IDX files (gzip or raw).
-    #[arg(long, env = "DSSGD_DATA_DIR", default_value = "data/mnist")]
-    pub data_dir: PathBuf,
+    /// Dataset to train on.
+    #[arg(long, env = "DSSGD_DATASET", value_enum, default_value = "mnist")]
+    pub dataset: DatasetKind,
 
-    /// Download MNIST into --data-dir when files are missing, verifying the
-    /// published SHA-256 of each file.
+    /// Folder with the dataset's files: the four MNIST IDX files (gzip or
+    /// raw), or the SVHN files train_32x32.mat and test_32x32.mat.
+    /// [default: data/mnist for mnist, data/svhn for svhn]
+    #[arg(long, env = "DSSGD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Download the dataset into the data folder when files are missing,
+    /// verifying the published checksum of each file (SHA-256 for MNIST,
+    /// MD5 for SVHN).
     #[arg(long, env = "DSSGD_DOWNLOAD")]
     pub download: bool,
 
@@ -436,6 +443,13 @@ impl TrainingArgs {
         Ok(())
     }
 
+    /// Returns the data folder: --data-dir, or the dataset's default.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(self.dataset.default_data_dir()))
+    }
+
     /// Returns the SGD settings.
     pub fn sgd(&self) -> SgdConfig {
         SgdConfig {
@@ -456,15 +470,16 @@ impl TrainingArgs {
         }
     }
 
-    /// Sets libtorch's thread count, finds the device and loads MNIST.
-    fn prepare(&self) -> anyhow::Result<(tch::Device, Mnist)> {
+    /// Sets libtorch's thread count, finds the device and loads the dataset.
+    fn prepare(&self) -> anyhow::Result<(tch::Device, Splits)> {
         self.validate()?;
         tch::set_num_threads(self.threads as i32);
         tch::set_num_interop_threads(1);
         let device = resolve_device(self.device)?;
-        ensure_mnist(&self.data_dir, self.download)?;
-        let mnist = load_mnist(&self.data_dir)?;
-        Ok((device, mnist))
+        let data_dir = self.data_dir();
+        self.dataset.ensure(&data_dir, self.download)?;
+        let splits = self.dataset.load(&data_dir)?;
+        Ok((device, splits))
     }
 
     /// Builds a fresh model with the shared initial parameters, and its optimizer.
@@ -576,11 +591,11 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
             retry,
         )?
     };
-    let (device, mnist) = training.prepare()?;
-    let shard = training.shard_plan(mnist.train.len()).shard(args.index);
-    let train = mnist.train.subset(&shard).to_device(device);
-    let test = mnist.test.to_device(device);
-    drop(mnist);
+    let (device, splits) = training.prepare()?;
+    let shard = training.shard_plan(splits.train.len()).shard(args.index);
+    let train = splits.train.subset(&shard).to_device(device);
+    let test = splits.test.to_device(device);
+    drop(splits);
     let (model, trainer) = training.fresh_model(device)?;
     info!(participant = %participant_id, examples = train.len(), device = ?device, "shard loaded");
 
@@ -651,9 +666,9 @@ pub fn evaluate_global(
     transport: &TransportArgs,
 ) -> anyhow::Result<(f64, u64)> {
     let address = transport.server.as_str();
-    let (device, mnist) = training.prepare()?;
-    let test = mnist.test.to_device(device);
-    drop(mnist);
+    let (device, splits) = training.prepare()?;
+    let test = splits.test.to_device(device);
+    drop(splits);
     let mut model = Model::new(training.model, device, training.init_seed);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -773,8 +788,8 @@ fn train_baseline(
 /// Runs the standalone baseline: each shard trained alone.
 pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
     let training = &args.training;
-    let (device, mnist) = training.prepare()?;
-    let plan = training.shard_plan(mnist.train.len());
+    let (device, splits) = training.prepare()?;
+    let plan = training.shard_plan(splits.train.len());
     let indices: Vec<usize> = match args.index {
         Some(index) if index >= training.participants => bail!(
             "invalid index {index}: expected a number below participants ({})",
@@ -783,10 +798,10 @@ pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
         Some(index) => vec![index],
         None => (0..training.participants).collect(),
     };
-    let test = mnist.test.to_device(device);
+    let test = splits.test.to_device(device);
     let mut runs = Vec::with_capacity(indices.len());
     for &index in &indices {
-        let train = mnist.train.subset(&plan.shard(index)).to_device(device);
+        let train = splits.train.subset(&plan.shard(index)).to_device(device);
         let seed = participant_seed(training.data_seed, index);
         let name = format!("p{index:03}");
         runs.push(train_baseline(
@@ -831,10 +846,10 @@ pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
 /// Runs the centralized baseline: one model on the union of all shards.
 pub fn centralized(args: &BaselineArgs) -> anyhow::Result<()> {
     let training = &args.training;
-    let (device, mnist) = training.prepare()?;
-    let union = training.shard_plan(mnist.train.len()).union();
-    let train = mnist.train.subset(&union).to_device(device);
-    let test = mnist.test.to_device(device);
+    let (device, splits) = training.prepare()?;
+    let union = training.shard_plan(splits.train.len()).union();
+    let train = splits.train.subset(&union).to_device(device);
+    let test = splits.test.to_device(device);
     let mut metrics = train_baseline(
         training,
         device,
@@ -862,4 +877,33 @@ pub fn centralized(args: &BaselineArgs) -> anyhow::Result<()> {
 pub fn parse_ordering(text: &str) -> Result<Ordering, String> {
     text.parse()
         .map_err(|error: dssgd_common::config::ConfigError| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// Parses `centralized` with `flags` and returns its training settings.
+    fn training(flags: &[&str]) -> TrainingArgs {
+        let mut argv = vec!["dssgd-participant", "centralized"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Centralized(args) => args.training,
+            other => panic!("expected centralized, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_dir_defaults_per_dataset() {
+        let mut args = training(&["--dataset", "svhn"]);
+        // Cleared in case DSSGD_DATA_DIR is set where the tests run.
+        args.data_dir = None;
+        assert_eq!(args.data_dir(), PathBuf::from("data/svhn"));
+        args.dataset = DatasetKind::Mnist;
+        assert_eq!(args.data_dir(), PathBuf::from("data/mnist"));
+        args.data_dir = Some(PathBuf::from("/srv/digits"));
+        assert_eq!(args.data_dir(), PathBuf::from("/srv/digits"));
+    }
 }

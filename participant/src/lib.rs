@@ -2,7 +2,9 @@
 //! and shares only selected, bounded parameter changes with the parameter
 //! server.
 //!
-//! - [`data`]: MNIST loading (IDX, gzip or raw) and verified download.
+//! - [`data`]: MNIST loading (IDX, gzip or raw), verified download and the
+//!   choice of dataset.
+//! - [`svhn`]: SVHN loading (MATLAB level-5 MAT-files) and verified download.
 //! - [`model`]: the MLP and CNN and their flat parameter vector.
 //! - [`train`]: local mini-batch SGD and evaluation.
 //! - [`device`]: CPU or CUDA choice.
@@ -21,4 +23,5 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod simulate;
+pub mod svhn;
 pub mod train;
