@@ -65,7 +65,7 @@ pub enum Command {
 /// Data, model and local training settings shared by every subcommand.
 #[derive(Clone, Debug, Args, Serialize)]
 pub struct TrainingArgs {
-    /// Network to train.
+    /// Network to train: mlp or cnn for mnist, svhn-cnn for svhn.
     #[arg(long, env = "DSSGD_MODEL", value_enum, default_value = "mlp")]
     pub model: ModelKind,
 
@@ -417,6 +417,7 @@ impl TrainingArgs {
         if self.participants == 0 {
             bail!("invalid participants 0: expected at least 1");
         }
+        self.check_model_fits_dataset()?;
         check_unit_open_closed("shard-fraction", self.shard_fraction)?;
         if self.epochs == 0 {
             bail!("invalid epochs 0: expected at least 1");
@@ -441,6 +442,29 @@ impl TrainingArgs {
             );
         }
         Ok(())
+    }
+
+    /// Fails unless the model takes the dataset's images as input.
+    fn check_model_fits_dataset(&self) -> anyhow::Result<()> {
+        let needed = self.model.dataset();
+        if needed == self.dataset {
+            return Ok(());
+        }
+        let models: Vec<&str> = <ModelKind as clap::ValueEnum>::value_variants()
+            .iter()
+            .filter(|model| model.dataset() == self.dataset)
+            .map(|model| model.name())
+            .collect();
+        bail!(
+            "invalid combination of --model {} and --dataset {}: {} trains on {}; pass --dataset {}, or --model {} for {}",
+            self.model.name(),
+            self.dataset.name(),
+            self.model.name(),
+            needed.name(),
+            needed.name(),
+            models.join(" or "),
+            self.dataset.name()
+        );
     }
 
     /// Returns the data folder: --data-dir, or the dataset's default.
@@ -896,8 +920,45 @@ mod tests {
     }
 
     #[test]
+    fn svhn_cnn_rejects_mnist() {
+        let args = training(&["--model", "svhn-cnn", "--dataset", "mnist"]);
+        let message = args.validate().unwrap_err().to_string();
+        assert!(
+            message.starts_with("invalid combination of --model svhn-cnn and --dataset mnist"),
+            "{message}"
+        );
+        assert!(message.contains("pass --dataset svhn"), "{message}");
+        assert!(
+            message.contains("--model mlp or cnn for mnist"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn mnist_models_reject_svhn() {
+        for model in ["mlp", "cnn"] {
+            let args = training(&["--model", model, "--dataset", "svhn"]);
+            let message = args.validate().unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("--model {model} and --dataset svhn")),
+                "{message}"
+            );
+            assert!(message.contains("pass --dataset mnist"), "{message}");
+            assert!(message.contains("--model svhn-cnn for svhn"), "{message}");
+        }
+    }
+
+    #[test]
+    fn matching_model_and_dataset_validate() {
+        for (model, dataset) in [("mlp", "mnist"), ("cnn", "mnist"), ("svhn-cnn", "svhn")] {
+            let args = training(&["--model", model, "--dataset", dataset]);
+            assert!(args.validate().is_ok(), "{model} on {dataset}");
+        }
+    }
+
+    #[test]
     fn data_dir_defaults_per_dataset() {
-        let mut args = training(&["--dataset", "svhn"]);
+        let mut args = training(&["--model", "svhn-cnn", "--dataset", "svhn"]);
         // Cleared in case DSSGD_DATA_DIR is set where the tests run.
         args.data_dir = None;
         assert_eq!(args.data_dir(), PathBuf::from("data/svhn"));

@@ -5,7 +5,7 @@
 //! - [`data`]: MNIST loading (IDX, gzip or raw), verified download and the
 //!   choice of dataset.
 //! - [`svhn`]: SVHN loading (MATLAB level-5 MAT-files) and verified download.
-//! - [`model`]: the MLP and CNN and their flat parameter vector.
+//! - [`model`]: the MLP, the two CNNs and their flat parameter vector.
 //! - [`train`]: local mini-batch SGD and evaluation.
 //! - [`device`]: CPU or CUDA choice.
 //! - [`client`]: the gRPC client with retries.

@@ -628,6 +628,7 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
     use crate::data::DatasetKind;
+    use crate::model::ModelKind;
 
     fn parse<T: Into<OsString> + Clone>(argv: impl IntoIterator<Item = T>) -> Command {
         Cli::try_parse_from(argv).unwrap().command
@@ -635,7 +636,14 @@ mod tests {
 
     #[test]
     fn training_flags_carry_dataset() {
-        let argv = ["dssgd-participant", "simulate", "--dataset", "svhn"];
+        let argv = [
+            "dssgd-participant",
+            "simulate",
+            "--dataset",
+            "svhn",
+            "--model",
+            "svhn-cnn",
+        ];
         let Command::Simulate(mut args) = parse(argv) else {
             panic!("expected simulate");
         };
@@ -651,6 +659,7 @@ mod tests {
             panic!("expected centralized");
         };
         assert_eq!(parsed.training.dataset, DatasetKind::Svhn);
+        assert_eq!(parsed.training.model, ModelKind::SvhnCnn);
         assert_eq!(parsed.training.data_dir, Some(PathBuf::from("data/svhn")));
     }
 }

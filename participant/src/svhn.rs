@@ -1081,10 +1081,15 @@ mod tests {
 
     use flate2::Compression;
     use flate2::write::ZlibEncoder;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use tch::Device;
 
     use super::*;
     use crate::data::tests::{serve, test_agent};
     use crate::data::{DatasetKind, MirrorError};
+    use crate::model::{Model, ModelKind};
+    use crate::train::{LocalTrainer, SgdConfig};
 
     const MX_INT16: u8 = 10;
     const MX_INT32: u8 = 12;
@@ -1702,6 +1707,33 @@ mod tests {
             matches!(error, MatError::MissingVariable { name: "X" }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn svhn_cnn_trains_on_generated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write_svhn(dir.path(), true);
+        let svhn = load_svhn(dir.path()).unwrap();
+
+        let model = Model::new(ModelKind::SvhnCnn, Device::Cpu, 3);
+        assert_eq!(model.parameter_count(), 313_546);
+        assert_eq!(model.flat_parameters().len(), 313_546);
+        let config = SgdConfig {
+            learning_rate: 0.01,
+            lr_decay: 0.0,
+            batch_size: 4,
+            momentum: 0.0,
+        };
+        let mut trainer = LocalTrainer::new(&model, config).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let before = model.flat_parameters();
+        for epoch in 0..3 {
+            let loss = trainer.train_epoch(&model, &svhn.train, &mut rng).unwrap();
+            assert!(loss.is_finite(), "epoch {epoch}: loss {loss}");
+        }
+        assert_ne!(model.flat_parameters(), before, "training changed nothing");
+        let output = model.forward_t(&svhn.test.images, false);
+        assert_eq!(output.size(), [3, 10]);
     }
 
     #[test]
