@@ -19,7 +19,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::client::{Client, RetryPolicy};
-use crate::data::{Dataset, Mnist, ensure_mnist, load_mnist};
+use crate::data::{Dataset, DatasetKind, Splits};
 use crate::device::{DeviceChoice, resolve_device};
 use crate::dssgd::{
     CollaborativeConfig, Epsilon, Participant, PrivacyConfig, Selection, run_collaborative,
@@ -32,8 +32,8 @@ use crate::train::{LocalTrainer, SgdConfig};
 /// Largest accepted `--threads`.
 const MAX_THREADS: usize = 1024;
 
-/// DSSGD participant: trains on a private shard of MNIST with libtorch and
-/// shares selected, bounded parameter changes with a parameter server.
+/// DSSGD participant: trains on a private shard of MNIST or SVHN with libtorch
+/// and shares selected, bounded parameter changes with a parameter server.
 #[derive(Debug, Parser)]
 #[command(version)]
 pub struct Cli {
@@ -72,16 +72,23 @@ pub enum Command {
 /// Data, model and local training settings shared by every subcommand.
 #[derive(Clone, Debug, Args, Serialize)]
 pub struct TrainingArgs {
-    /// Network to train.
+    /// Network to train: mlp or cnn for mnist, svhn-cnn for svhn.
     #[arg(long, env = "DSSGD_MODEL", value_enum, default_value = "mlp")]
     pub model: ModelKind,
 
-    /// Folder with the MNIST IDX files (gzip or raw).
-    #[arg(long, env = "DSSGD_DATA_DIR", default_value = "data/mnist")]
-    pub data_dir: PathBuf,
+    /// Dataset to train on.
+    #[arg(long, env = "DSSGD_DATASET", value_enum, default_value = "mnist")]
+    pub dataset: DatasetKind,
 
-    /// Download MNIST into --data-dir when files are missing, verifying the
-    /// published SHA-256 of each file.
+    /// Folder with the dataset's files: the four MNIST IDX files (gzip or
+    /// raw), or the SVHN files train_32x32.mat and test_32x32.mat.
+    /// [default: data/mnist for mnist, data/svhn for svhn]
+    #[arg(long, env = "DSSGD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Download the dataset into the data folder when files are missing,
+    /// verifying the published checksum of each file (SHA-256 for MNIST,
+    /// MD5 for SVHN).
     #[arg(long, env = "DSSGD_DOWNLOAD")]
     pub download: bool,
 
@@ -424,6 +431,7 @@ impl TrainingArgs {
         if self.participants == 0 {
             bail!("invalid participants 0: expected at least 1");
         }
+        self.check_model_fits_dataset()?;
         check_unit_open_closed("shard-fraction", self.shard_fraction)?;
         if let Some(alpha) = self.dirichlet_alpha {
             check_positive("dirichlet-alpha", alpha)?;
@@ -451,6 +459,36 @@ impl TrainingArgs {
             );
         }
         Ok(())
+    }
+
+    /// Fails unless the model takes the dataset's images as input.
+    fn check_model_fits_dataset(&self) -> anyhow::Result<()> {
+        let needed = self.model.dataset();
+        if needed == self.dataset {
+            return Ok(());
+        }
+        let models: Vec<&str> = <ModelKind as clap::ValueEnum>::value_variants()
+            .iter()
+            .filter(|model| model.dataset() == self.dataset)
+            .map(|model| model.name())
+            .collect();
+        bail!(
+            "invalid combination of --model {} and --dataset {}: {} trains on {}; pass --dataset {}, or --model {} for {}",
+            self.model.name(),
+            self.dataset.name(),
+            self.model.name(),
+            needed.name(),
+            needed.name(),
+            models.join(" or "),
+            self.dataset.name()
+        );
+    }
+
+    /// Returns the data folder: --data-dir, or the dataset's default.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(self.dataset.default_data_dir()))
     }
 
     /// Returns the SGD settings.
@@ -516,14 +554,15 @@ impl TrainingArgs {
         INTEROP.call_once(|| tch::set_num_interop_threads(1));
     }
 
-    /// Sets libtorch's thread count, finds the device and loads MNIST.
-    pub(crate) fn prepare(&self) -> anyhow::Result<(tch::Device, Mnist)> {
+    /// Sets libtorch's thread count, finds the device and loads the dataset.
+    pub(crate) fn prepare(&self) -> anyhow::Result<(tch::Device, Splits)> {
         self.validate()?;
         TrainingArgs::set_threads(self.threads);
         let device = resolve_device(self.device)?;
-        ensure_mnist(&self.data_dir, self.download)?;
-        let mnist = load_mnist(&self.data_dir)?;
-        Ok((device, mnist))
+        let data_dir = self.data_dir();
+        self.dataset.ensure(&data_dir, self.download)?;
+        let splits = self.dataset.load(&data_dir)?;
+        Ok((device, splits))
     }
 
     /// Builds a fresh model with the shared initial parameters, and its optimizer.
@@ -635,11 +674,11 @@ pub fn collaborate(args: &CollaborateArgs) -> anyhow::Result<()> {
             retry,
         )?
     };
-    let (device, mnist) = training.prepare()?;
-    let shard = training.shards(&mnist.train, &[args.index]).swap_remove(0);
-    let train = mnist.train.subset(&shard).to_device(device);
-    let test = mnist.test.to_device(device);
-    drop(mnist);
+    let (device, splits) = training.prepare()?;
+    let shard = training.shards(&splits.train, &[args.index]).swap_remove(0);
+    let train = splits.train.subset(&shard).to_device(device);
+    let test = splits.test.to_device(device);
+    drop(splits);
     let seat = Seat {
         training,
         sharing: &args.sharing,
@@ -759,9 +798,9 @@ pub fn evaluate_global(
     transport: &TransportArgs,
 ) -> anyhow::Result<(f64, u64)> {
     let address = transport.server.as_str();
-    let (device, mnist) = training.prepare()?;
-    let test = mnist.test.to_device(device);
-    drop(mnist);
+    let (device, splits) = training.prepare()?;
+    let test = splits.test.to_device(device);
+    drop(splits);
     let mut model = Model::new(training.model, device, training.init_seed);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -883,7 +922,7 @@ pub(crate) fn train_baseline(
 /// Runs the standalone baseline: each shard trained alone.
 pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
     let training = &args.training;
-    let (device, mnist) = training.prepare()?;
+    let (device, splits) = training.prepare()?;
     let indices: Vec<usize> = match args.index {
         Some(index) if index >= training.participants => bail!(
             "invalid index {index}: expected a number below participants ({})",
@@ -892,11 +931,11 @@ pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
         Some(index) => vec![index],
         None => (0..training.participants).collect(),
     };
-    let test = mnist.test.to_device(device);
+    let test = splits.test.to_device(device);
     let mut runs = Vec::with_capacity(indices.len());
     for &index in &indices {
-        let shard = training.shards(&mnist.train, &[index]).swap_remove(0);
-        let train = mnist.train.subset(&shard).to_device(device);
+        let shard = training.shards(&splits.train, &[index]).swap_remove(0);
+        let train = splits.train.subset(&shard).to_device(device);
         let seed = participant_seed(training.data_seed, index);
         let name = format!("p{index:03}");
         runs.push(train_baseline(
@@ -941,10 +980,10 @@ pub fn standalone(args: &BaselineArgs) -> anyhow::Result<()> {
 /// Runs the centralized baseline: one model on the union of all shards.
 pub fn centralized(args: &BaselineArgs) -> anyhow::Result<()> {
     let training = &args.training;
-    let (device, mnist) = training.prepare()?;
-    let union = training.union(&mnist.train);
-    let train = mnist.train.subset(&union).to_device(device);
-    let test = mnist.test.to_device(device);
+    let (device, splits) = training.prepare()?;
+    let union = training.union(&splits.train);
+    let train = splits.train.subset(&union).to_device(device);
+    let test = splits.test.to_device(device);
     let mut metrics = train_baseline(
         training,
         device,
@@ -972,4 +1011,70 @@ pub fn centralized(args: &BaselineArgs) -> anyhow::Result<()> {
 pub fn parse_ordering(text: &str) -> Result<Ordering, String> {
     text.parse()
         .map_err(|error: dssgd_common::config::ConfigError| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// Parses `centralized` with `flags` and returns its training settings.
+    fn training(flags: &[&str]) -> TrainingArgs {
+        let mut argv = vec!["dssgd-participant", "centralized"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Centralized(args) => args.training,
+            other => panic!("expected centralized, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn svhn_cnn_rejects_mnist() {
+        let args = training(&["--model", "svhn-cnn", "--dataset", "mnist"]);
+        let message = args.validate().unwrap_err().to_string();
+        assert!(
+            message.starts_with("invalid combination of --model svhn-cnn and --dataset mnist"),
+            "{message}"
+        );
+        assert!(message.contains("pass --dataset svhn"), "{message}");
+        assert!(
+            message.contains("--model mlp or cnn for mnist"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn mnist_models_reject_svhn() {
+        for model in ["mlp", "cnn"] {
+            let args = training(&["--model", model, "--dataset", "svhn"]);
+            let message = args.validate().unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("--model {model} and --dataset svhn")),
+                "{message}"
+            );
+            assert!(message.contains("pass --dataset mnist"), "{message}");
+            assert!(message.contains("--model svhn-cnn for svhn"), "{message}");
+        }
+    }
+
+    #[test]
+    fn matching_model_and_dataset_validate() {
+        for (model, dataset) in [("mlp", "mnist"), ("cnn", "mnist"), ("svhn-cnn", "svhn")] {
+            let args = training(&["--model", model, "--dataset", dataset]);
+            assert!(args.validate().is_ok(), "{model} on {dataset}");
+        }
+    }
+
+    #[test]
+    fn data_dir_defaults_per_dataset() {
+        let mut args = training(&["--model", "svhn-cnn", "--dataset", "svhn"]);
+        // Cleared in case DSSGD_DATA_DIR is set where the tests run.
+        args.data_dir = None;
+        assert_eq!(args.data_dir(), PathBuf::from("data/svhn"));
+        args.dataset = DatasetKind::Mnist;
+        assert_eq!(args.data_dir(), PathBuf::from("data/mnist"));
+        args.data_dir = Some(PathBuf::from("/srv/digits"));
+        assert_eq!(args.data_dir(), PathBuf::from("/srv/digits"));
+    }
 }

@@ -1,5 +1,6 @@
 //! MNIST loading: IDX parsing and validation, normalisation, and the
-//! checksummed download from public mirrors.
+//! checksummed download from public mirrors. Also the choice of dataset
+//! ([`DatasetKind`]) and the download helpers that SVHN shares.
 //!
 //! A data folder contains the four MNIST files, each either gzip-compressed as
 //! `NAME.gz` or uncompressed as `NAME`. [`ensure_mnist`] writes downloaded
@@ -12,9 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flate2::read::MultiGzDecoder;
+use md5::Md5;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use tracing::{debug, info, warn};
+
+use crate::svhn::{self, MatError};
 
 /// Height and width of an MNIST image, in pixels.
 pub const IMAGE_SIDE: usize = 28;
@@ -35,23 +39,32 @@ const TEST_LABELS: &str = "t10k-labels-idx1-ubyte";
 
 /// The four MNIST files with the SHA-256 of their uncompressed contents.
 const MNIST_FILES: [FileSpec<'static>; 4] = [
-    FileSpec {
-        name: TRAIN_IMAGES,
-        sha256: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    },
-    FileSpec {
-        name: TRAIN_LABELS,
-        sha256: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    },
-    FileSpec {
-        name: TEST_IMAGES,
-        sha256: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    },
-    FileSpec {
-        name: TEST_LABELS,
-        sha256: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    },
+    FileSpec::mnist(
+        TRAIN_IMAGES,
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    FileSpec::mnist(
+        TRAIN_LABELS,
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    FileSpec::mnist(
+        TEST_IMAGES,
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    FileSpec::mnist(
+        TEST_LABELS,
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
 ];
+
+/// Source of the MNIST files and how they are stored.
+const MNIST_SOURCE: DataSource<'static> = DataSource {
+    dataset: "MNIST",
+    url: MNIST_MIRRORS[0],
+    mirrors: &MNIST_MIRRORS,
+    files: &MNIST_FILES,
+    gzip: true,
+};
 
 const IMAGE_MAGIC: u32 = 2051;
 const LABEL_MAGIC: u32 = 2049;
@@ -63,20 +76,27 @@ const MAX_DOWNLOAD_BYTES: u64 = 32 << 20;
 /// Maximum size of a decompressed download. The largest MNIST file is 47,040,016 bytes.
 const MAX_RAW_BYTES: u64 = 64 << 20;
 
-/// Errors from finding, reading, validating or downloading MNIST files.
+/// Errors from finding, reading, validating or downloading MNIST or SVHN files.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// Some of the MNIST files are in neither the gzip nor the raw form.
+    /// Some of the dataset's files are missing (for MNIST: in neither the
+    /// gzip nor the raw form).
     #[error(
-        "MNIST files not found in {}: looked for {}; pass --download to fetch them or --data-dir to point at a folder that contains them",
+        "{dataset} files not found in {}: looked for {}; pass --download to fetch them from {url} or --data-dir to point at a folder that contains them",
         dir.display(),
-        describe_candidates(names)
+        describe_candidates(names, *gzip)
     )]
     Missing {
         /// Folder that was searched.
         dir: PathBuf,
         /// Base names (without `.gz`) of the files not found.
         names: Vec<String>,
+        /// Dataset name, such as "MNIST".
+        dataset: &'static str,
+        /// Base URL that --download fetches the files from.
+        url: &'static str,
+        /// Whether `NAME.gz` was accepted in place of `NAME`.
+        gzip: bool,
     },
 
     /// A file exists but could not be read.
@@ -196,18 +216,30 @@ pub enum DataError {
         path: PathBuf,
     },
 
-    /// The uncompressed contents of a file do not have the published SHA-256.
+    /// The uncompressed contents of a file do not have the published checksum.
     #[error(
-        "SHA-256 mismatch for {}: expected {expected}, got {actual}; delete the file and fetch it again with --download",
+        "{algorithm} mismatch for {}: expected {expected}, got {actual}; delete the file and fetch it again with --download",
         path.display()
     )]
     ChecksumMismatch {
         /// File that failed.
         path: PathBuf,
-        /// Published SHA-256, in hex.
+        /// Hash function: "SHA-256" or "MD5".
+        algorithm: &'static str,
+        /// Published checksum, in hex.
         expected: String,
-        /// SHA-256 of the file's uncompressed contents, in hex.
+        /// Checksum of the file's uncompressed contents, in hex.
         actual: String,
+    },
+
+    /// An SVHN file is not a valid MAT-file or does not hold the SVHN
+    /// variables in the expected shape.
+    #[error("invalid SVHN file {}: {source}", path.display())]
+    InvalidMat {
+        /// File that failed.
+        path: PathBuf,
+        /// Description of the problem.
+        source: MatError,
     },
 
     /// The data folder or a downloaded file could not be written.
@@ -250,18 +282,24 @@ pub enum MirrorError {
     /// The body was not valid gzip or exceeded the size limit when decompressed.
     #[error("failed to decompress the body: {0}")]
     Decompress(io::Error),
-    /// The decompressed body does not have the published SHA-256.
-    #[error("SHA-256 mismatch: expected {expected}, got {actual}")]
+    /// The decompressed body does not have the published checksum.
+    #[error("{algorithm} mismatch: expected {expected}, got {actual}")]
     ChecksumMismatch {
-        /// Published SHA-256, in hex.
+        /// Hash function: "SHA-256" or "MD5".
+        algorithm: &'static str,
+        /// Published checksum, in hex.
         expected: String,
-        /// SHA-256 of the decompressed body, in hex.
+        /// Checksum of the decompressed body, in hex.
         actual: String,
     },
 }
 
-fn describe_candidates(names: &[String]) -> String {
-    let candidates: Vec<String> = names.iter().map(|n| format!("{n}.gz or {n}")).collect();
+fn describe_candidates(names: &[String], gzip: bool) -> String {
+    let candidates: Vec<String> = if gzip {
+        names.iter().map(|n| format!("{n}.gz or {n}")).collect()
+    } else {
+        names.to_vec()
+    };
     candidates.join(", ")
 }
 
@@ -273,11 +311,12 @@ fn describe_failures(failures: &[MirrorFailure]) -> String {
     text
 }
 
-/// Images and labels of one MNIST split, kept as contiguous tensors so that a
+/// Images and labels of one split, kept as contiguous tensors so that a
 /// mini-batch is one `index_select`.
 #[derive(Debug)]
 pub struct Dataset {
-    /// Normalised pixels, `[N, 1, 28, 28]` f32.
+    /// Normalised pixels, `[N, C, H, W]` f32: `[N, 1, 28, 28]` for MNIST and
+    /// `[N, 3, 32, 32]` for SVHN.
     pub images: Tensor,
     /// Class indices 0 to 9, `[N]` i64.
     pub labels: Tensor,
@@ -348,10 +387,11 @@ impl Dataset {
     }
 }
 
-/// The MNIST training (60,000) and test (10,000) splits on the CPU, both
-/// normalised with the training set's pixel mean and standard deviation.
+/// The training and test splits of a dataset on the CPU, both normalised
+/// with the training set's pixel mean and standard deviation. MNIST has
+/// 60,000 training and 10,000 test images, SVHN 73,257 and 26,032.
 #[derive(Debug)]
-pub struct Mnist {
+pub struct Splits {
     /// Training split.
     pub train: Dataset,
     /// Test split.
@@ -369,8 +409,8 @@ pub struct Mnist {
 /// Pixels are scaled to [0, 1], then shifted and scaled by the mean and
 /// population standard deviation of the training pixels (about 0.1307 and
 /// 0.3081 for the published MNIST). The test split uses the same two values.
-pub fn load_mnist(dir: &Path) -> Result<Mnist, DataError> {
-    require_files(dir, &MNIST_FILES)?;
+pub fn load_mnist(dir: &Path) -> Result<Splits, DataError> {
+    require_files(dir, &MNIST_SOURCE)?;
     let train = RawSplit::read(dir, TRAIN_IMAGES, TRAIN_LABELS)?;
     let test = RawSplit::read(dir, TEST_IMAGES, TEST_LABELS)?;
     if train.count == 0 {
@@ -385,7 +425,7 @@ pub fn load_mnist(dir: &Path) -> Result<Mnist, DataError> {
         std = stats.std,
         "normalising MNIST with the training pixel statistics"
     );
-    Ok(Mnist {
+    Ok(Splits {
         train: train.to_dataset(stats),
         test: test.to_dataset(stats),
     })
@@ -401,55 +441,203 @@ pub fn load_mnist(dir: &Path) -> Result<Mnist, DataError> {
 /// downloads all four files are checked with [`verify_checksums`], so a folder
 /// that mixes other local files with downloaded ones is rejected.
 pub fn ensure_mnist(dir: &Path, download: bool) -> Result<(), DataError> {
-    let agent = ureq::Agent::new_with_config(
+    let agent = download_agent(Duration::from_secs(300));
+    ensure_files(dir, download, &MNIST_SOURCE, &agent)
+}
+
+/// Builds the HTTP agent of a download, which may take `body_timeout` to
+/// receive one file.
+pub(crate) fn download_agent(body_timeout: Duration) -> ureq::Agent {
+    ureq::Agent::new_with_config(
         ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(15)))
             .timeout_recv_response(Some(Duration::from_secs(30)))
-            .timeout_recv_body(Some(Duration::from_secs(300)))
+            .timeout_recv_body(Some(body_timeout))
             .build(),
-    );
-    ensure_files(dir, download, &MNIST_MIRRORS, &MNIST_FILES, &agent)
+    )
 }
 
 /// Checks that the uncompressed contents of each of the four MNIST files in
 /// `dir` have the published SHA-256.
 pub fn verify_checksums(dir: &Path) -> Result<(), DataError> {
-    verify_files(dir, &MNIST_FILES)
+    verify_files(dir, &MNIST_SOURCE)
 }
 
-/// Name and expected uncompressed SHA-256 (lowercase hex) of one data file.
+/// Image dataset that a run trains on.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// MNIST handwritten digits: 28x28 grey-scale images.
+    Mnist,
+    /// SVHN cropped house-number digits: 32x32 RGB images.
+    Svhn,
+}
+
+impl DatasetKind {
+    /// Returns the lowercase name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::Svhn => "svhn",
+        }
+    }
+
+    /// Returns the number of colour channels of an image.
+    pub fn channels(self) -> usize {
+        match self {
+            DatasetKind::Mnist => 1,
+            DatasetKind::Svhn => svhn::CHANNELS,
+        }
+    }
+
+    /// Returns the height and width of an image, in pixels.
+    pub fn image_side(self) -> usize {
+        match self {
+            DatasetKind::Mnist => IMAGE_SIDE,
+            DatasetKind::Svhn => svhn::IMAGE_SIDE,
+        }
+    }
+
+    /// Returns the data folder used when `--data-dir` is not given.
+    pub fn default_data_dir(self) -> &'static str {
+        match self {
+            DatasetKind::Mnist => "data/mnist",
+            DatasetKind::Svhn => "data/svhn",
+        }
+    }
+
+    /// Makes sure the dataset's files are in `dir`, downloading the missing
+    /// ones when `download` is true: [`ensure_mnist`] or [`svhn::ensure_svhn`].
+    pub fn ensure(self, dir: &Path, download: bool) -> Result<(), DataError> {
+        match self {
+            DatasetKind::Mnist => ensure_mnist(dir, download),
+            DatasetKind::Svhn => svhn::ensure_svhn(dir, download),
+        }
+    }
+
+    /// Loads and normalises both splits from `dir`: [`load_mnist`] or
+    /// [`svhn::load_svhn`].
+    pub fn load(self, dir: &Path) -> Result<Splits, DataError> {
+        match self {
+            DatasetKind::Mnist => load_mnist(dir),
+            DatasetKind::Svhn => svhn::load_svhn(dir),
+        }
+    }
+}
+
+/// Expected checksum of a data file's uncompressed contents, in lowercase hex.
 #[derive(Clone, Copy, Debug)]
-struct FileSpec<'a> {
-    name: &'a str,
-    sha256: &'a str,
+pub(crate) enum Checksum<'a> {
+    /// SHA-256, which the MNIST files are checked with.
+    Sha256(&'a str),
+    /// MD5, the checksum that torchvision records for the SVHN files.
+    Md5(&'a str),
 }
 
-/// Looks for `dir/NAME`, then `dir/NAME.gz`.
-fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+impl<'a> Checksum<'a> {
+    fn algorithm(self) -> &'static str {
+        match self {
+            Checksum::Sha256(_) => "SHA-256",
+            Checksum::Md5(_) => "MD5",
+        }
+    }
+
+    fn expected(self) -> &'a str {
+        match self {
+            Checksum::Sha256(hex) | Checksum::Md5(hex) => hex,
+        }
+    }
+
+    /// Returns the checksum of `bytes` in lowercase hex with this algorithm.
+    pub(crate) fn compute(self, bytes: &[u8]) -> String {
+        match self {
+            Checksum::Sha256(_) => hex(&Sha256::digest(bytes)),
+            Checksum::Md5(_) => hex(&Md5::digest(bytes)),
+        }
+    }
+}
+
+/// Name, expected checksum and download size limit of one data file.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FileSpec<'a> {
+    /// File name in the data folder, without `.gz`.
+    pub(crate) name: &'a str,
+    /// Published checksum of the uncompressed contents.
+    pub(crate) checksum: Checksum<'a>,
+    /// Maximum size of the downloaded (possibly compressed) body, in bytes.
+    pub(crate) max_download_bytes: u64,
+}
+
+impl<'a> FileSpec<'a> {
+    /// Describes an MNIST file with its SHA-256.
+    const fn mnist(name: &'a str, sha256: &'a str) -> FileSpec<'a> {
+        FileSpec {
+            name,
+            checksum: Checksum::Sha256(sha256),
+            max_download_bytes: MAX_DOWNLOAD_BYTES,
+        }
+    }
+}
+
+/// A dataset's files, where they are downloaded from and how they are stored.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DataSource<'a> {
+    /// Dataset name in messages, such as "MNIST".
+    pub(crate) dataset: &'static str,
+    /// Base URL named in the error for missing files.
+    pub(crate) url: &'static str,
+    /// Base URLs tried in order. A file's URL is the base followed by its
+    /// name, and by `.gz` when `gzip` is true.
+    pub(crate) mirrors: &'a [&'a str],
+    /// Every file of the dataset.
+    pub(crate) files: &'a [FileSpec<'a>],
+    /// Whether the mirrors serve `NAME.gz` and the folder may contain
+    /// `NAME.gz` in place of `NAME`.
+    pub(crate) gzip: bool,
+}
+
+/// Looks for `dir/NAME`, then, if `gzip` is true, `dir/NAME.gz`.
+fn find_file(dir: &Path, name: &str, gzip: bool) -> Option<PathBuf> {
     let raw = dir.join(name);
     if raw.is_file() {
         return Some(raw);
     }
-    let gzip = dir.join(format!("{name}.gz"));
-    gzip.is_file().then_some(gzip)
+    if !gzip {
+        return None;
+    }
+    let compressed = dir.join(format!("{name}.gz"));
+    compressed.is_file().then_some(compressed)
 }
 
-fn missing_files<'a>(dir: &Path, files: &'a [FileSpec<'a>]) -> Vec<&'a FileSpec<'a>> {
-    files
+fn missing_files<'a>(dir: &Path, source: &DataSource<'a>) -> Vec<&'a FileSpec<'a>> {
+    source
+        .files
         .iter()
-        .filter(|file| find_file(dir, file.name).is_none())
+        .filter(|file| find_file(dir, file.name, source.gzip).is_none())
         .collect()
 }
 
-fn require_files(dir: &Path, files: &[FileSpec<'_>]) -> Result<(), DataError> {
-    let missing = missing_files(dir, files);
+fn missing_error(dir: &Path, source: &DataSource<'_>, names: Vec<String>) -> DataError {
+    DataError::Missing {
+        dir: dir.to_path_buf(),
+        names,
+        dataset: source.dataset,
+        url: source.url,
+        gzip: source.gzip,
+    }
+}
+
+/// Fails with [`DataError::Missing`], naming every missing file, unless all
+/// of the source's files are in `dir`.
+pub(crate) fn require_files(dir: &Path, source: &DataSource<'_>) -> Result<(), DataError> {
+    let missing = missing_files(dir, source);
     if missing.is_empty() {
         return Ok(());
     }
-    Err(DataError::Missing {
-        dir: dir.to_path_buf(),
-        names: missing.iter().map(|file| file.name.to_string()).collect(),
-    })
+    let names = missing.iter().map(|file| file.name.to_string()).collect();
+    Err(missing_error(dir, source, names))
 }
 
 /// Reads a data file whole, decompressing it when its name ends in `.gz`.
@@ -473,11 +661,15 @@ fn read_contents(path: &Path) -> Result<Vec<u8>, DataError> {
     Ok(contents)
 }
 
-fn read_file(dir: &Path, name: &str) -> Result<(PathBuf, Vec<u8>), DataError> {
-    let path = find_file(dir, name).ok_or_else(|| DataError::Missing {
-        dir: dir.to_path_buf(),
-        names: vec![name.to_string()],
-    })?;
+/// Finds the file `name` of `source` in `dir` and returns its path and
+/// uncompressed contents.
+pub(crate) fn read_file(
+    dir: &Path,
+    source: &DataSource<'_>,
+    name: &str,
+) -> Result<(PathBuf, Vec<u8>), DataError> {
+    let path = find_file(dir, name, source.gzip)
+        .ok_or_else(|| missing_error(dir, source, vec![name.to_string()]))?;
     let contents = read_contents(&path)?;
     Ok((path, contents))
 }
@@ -580,9 +772,9 @@ struct RawSplit {
 
 impl RawSplit {
     fn read(dir: &Path, images_name: &str, labels_name: &str) -> Result<RawSplit, DataError> {
-        let (images_path, images) = read_file(dir, images_name)?;
+        let (images_path, images) = read_file(dir, &MNIST_SOURCE, images_name)?;
         let image_count = check_images(&images_path, &images)?;
-        let (labels_path, labels) = read_file(dir, labels_name)?;
+        let (labels_path, labels) = read_file(dir, &MNIST_SOURCE, labels_name)?;
         let label_count = check_labels(&labels_path, &labels)?;
         if image_count != label_count {
             return Err(DataError::CountMismatch {
@@ -627,9 +819,9 @@ impl RawSplit {
 
 /// Mean and population standard deviation of pixels scaled to [0, 1].
 #[derive(Clone, Copy, Debug)]
-struct PixelStats {
-    mean: f64,
-    std: f64,
+pub(crate) struct PixelStats {
+    pub(crate) mean: f64,
+    pub(crate) std: f64,
 }
 
 impl PixelStats {
@@ -637,7 +829,7 @@ impl PixelStats {
     ///
     /// When every pixel has the same value the standard deviation is 0, so 1
     /// is used instead and normalisation only shifts the pixels.
-    fn of(pixels: &[u8]) -> PixelStats {
+    pub(crate) fn of(pixels: &[u8]) -> PixelStats {
         let mut histogram = [0u64; 256];
         for &pixel in pixels {
             histogram[usize::from(pixel)] += 1;
@@ -665,23 +857,23 @@ impl PixelStats {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut hex = String::with_capacity(64);
+fn hex(digest: &[u8]) -> String {
+    let mut hex = String::with_capacity(2 * digest.len());
     for byte in digest {
         let _ = write!(hex, "{byte:02x}");
     }
     hex
 }
 
-fn verify_files(dir: &Path, files: &[FileSpec<'_>]) -> Result<(), DataError> {
-    for file in files {
-        let (path, contents) = read_file(dir, file.name)?;
-        let actual = sha256_hex(&contents);
-        if actual != file.sha256 {
+fn verify_files(dir: &Path, source: &DataSource<'_>) -> Result<(), DataError> {
+    for file in source.files {
+        let (path, contents) = read_file(dir, source, file.name)?;
+        let actual = file.checksum.compute(&contents);
+        if actual != file.checksum.expected() {
             return Err(DataError::ChecksumMismatch {
                 path,
-                expected: file.sha256.to_string(),
+                algorithm: file.checksum.algorithm(),
+                expected: file.checksum.expected().to_string(),
                 actual,
             });
         }
@@ -689,20 +881,20 @@ fn verify_files(dir: &Path, files: &[FileSpec<'_>]) -> Result<(), DataError> {
     Ok(())
 }
 
-/// [`ensure_mnist`] with the mirrors, file table and HTTP agent as parameters.
-fn ensure_files(
+/// Makes sure every file of `source` is in `dir`, downloading the missing
+/// ones with `agent` when `download` is true, as [`ensure_mnist`] describes.
+pub(crate) fn ensure_files(
     dir: &Path,
     download: bool,
-    mirrors: &[&str],
-    files: &[FileSpec<'_>],
+    source: &DataSource<'_>,
     agent: &ureq::Agent,
 ) -> Result<(), DataError> {
-    let missing = missing_files(dir, files);
+    let missing = missing_files(dir, source);
     if missing.is_empty() {
         return Ok(());
     }
     if !download {
-        return require_files(dir, files);
+        return require_files(dir, source);
     }
 
     fs::create_dir_all(dir).map_err(|source| DataError::Write {
@@ -710,32 +902,34 @@ fn ensure_files(
         source,
     })?;
     for file in missing {
-        download_file(dir, mirrors, file, agent)?;
+        download_file(dir, source, file, agent)?;
     }
-    verify_files(dir, files)
+    verify_files(dir, source)
 }
 
 /// Downloads one file from the first mirror that serves it with the right
 /// checksum and writes it uncompressed to `dir/NAME`.
 fn download_file(
     dir: &Path,
-    mirrors: &[&str],
+    source: &DataSource<'_>,
     file: &FileSpec<'_>,
     agent: &ureq::Agent,
 ) -> Result<(), DataError> {
+    let dataset = source.dataset;
+    let suffix = if source.gzip { ".gz" } else { "" };
     let mut failures = Vec::new();
-    for mirror in mirrors {
-        let url = format!("{mirror}{}.gz", file.name);
-        info!(%url, file = file.name, "downloading MNIST file");
-        match fetch_verified(agent, &url, file.sha256) {
+    for mirror in source.mirrors {
+        let url = format!("{mirror}{}{suffix}", file.name);
+        info!(%url, dataset, file = file.name, "downloading data file");
+        match fetch_verified(agent, &url, file, source.gzip) {
             Ok(contents) => {
                 let path = dir.join(file.name);
                 write_atomically(&path, &contents)?;
-                info!(%url, path = %path.display(), bytes = contents.len(), "downloaded MNIST file");
+                info!(%url, dataset, path = %path.display(), bytes = contents.len(), "downloaded data file");
                 return Ok(());
             }
             Err(error) => {
-                warn!(%url, file = file.name, %error, "MNIST mirror failed, trying the next one");
+                warn!(%url, dataset, file = file.name, %error, "mirror failed, trying the next one");
                 failures.push(MirrorFailure { url, error });
             }
         }
@@ -746,26 +940,33 @@ fn download_file(
     })
 }
 
-/// Fetches `url` and returns its decompressed body if it has SHA-256 `expected`.
-fn fetch_verified(agent: &ureq::Agent, url: &str, expected: &str) -> Result<Vec<u8>, MirrorError> {
+/// Fetches `url` and returns its body, decompressed when `gzip` is true and
+/// the body is gzip, if it has the checksum that `file` expects.
+fn fetch_verified(
+    agent: &ureq::Agent,
+    url: &str,
+    file: &FileSpec<'_>,
+    gzip: bool,
+) -> Result<Vec<u8>, MirrorError> {
     let mut response = agent.get(url).call()?;
     let body = response
         .body_mut()
         .with_config()
-        .limit(MAX_DOWNLOAD_BYTES)
+        .limit(file.max_download_bytes)
         .read_to_vec()?;
 
     // A server that sends the file with `Content-Encoding: gzip` has it
     // decoded by ureq already, so only a body that is still gzip is inflated.
-    let contents = if body.starts_with(&[0x1f, 0x8b]) {
+    let contents = if gzip && body.starts_with(&[0x1f, 0x8b]) {
         gunzip_limited(&body).map_err(MirrorError::Decompress)?
     } else {
         body
     };
-    let actual = sha256_hex(&contents);
-    if actual != expected {
+    let actual = file.checksum.compute(&contents);
+    if actual != file.checksum.expected() {
         return Err(MirrorError::ChecksumMismatch {
-            expected: expected.to_string(),
+            algorithm: file.checksum.algorithm(),
+            expected: file.checksum.expected().to_string(),
             actual,
         });
     }
@@ -829,7 +1030,7 @@ pub(crate) fn test_mnist_dir() -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
     use std::io::{BufRead, BufReader};
     use std::net::{SocketAddr, TcpListener};
@@ -840,6 +1041,19 @@ mod tests {
     use flate2::write::GzEncoder;
 
     use super::*;
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex(&Sha256::digest(bytes))
+    }
+
+    /// Returns a source like MNIST's (gzip files) with other mirrors and files.
+    fn gzip_source<'a>(mirrors: &'a [&'a str], files: &'a [FileSpec<'a>]) -> DataSource<'a> {
+        DataSource {
+            mirrors,
+            files,
+            ..MNIST_SOURCE
+        }
+    }
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {
         let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
@@ -1129,7 +1343,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_small_set(dir.path());
         // The mirror list is empty, so success shows that nothing was fetched.
-        ensure_files(dir.path(), true, &[], &MNIST_FILES, &test_agent()).unwrap();
+        ensure_files(
+            dir.path(),
+            true,
+            &gzip_source(&[], &MNIST_FILES),
+            &test_agent(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -1144,7 +1364,7 @@ mod tests {
 
     /// Serves `files` (URL path to body) over HTTP/1.1 on a loopback port,
     /// returning 404 for other paths. The thread lives until the test process ends.
-    fn serve(files: HashMap<String, Vec<u8>>) -> SocketAddr {
+    pub(crate) fn serve(files: HashMap<String, Vec<u8>>) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let files = Arc::new(files);
@@ -1178,7 +1398,7 @@ mod tests {
     }
 
     /// Agent that ignores proxy variables, so requests stay on loopback.
-    fn test_agent() -> ureq::Agent {
+    pub(crate) fn test_agent() -> ureq::Agent {
         ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
                 .proxy(None)
@@ -1197,10 +1417,7 @@ mod tests {
     fn download_falls_through_to_working_mirror() {
         let contents = b"fake idx contents".to_vec();
         let checksum = sha256_hex(&contents);
-        let files = [FileSpec {
-            name: "fake-idx",
-            sha256: &checksum,
-        }];
+        let files = [FileSpec::mnist("fake-idx", &checksum)];
         let mut served = HashMap::new();
         served.insert("/good/fake-idx.gz".to_string(), gzip(&contents));
         let address = serve(served);
@@ -1209,7 +1426,13 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("nested");
-        ensure_files(&target, true, &[&missing, &good], &files, &test_agent()).unwrap();
+        ensure_files(
+            &target,
+            true,
+            &gzip_source(&[&missing, &good], &files),
+            &test_agent(),
+        )
+        .unwrap();
 
         assert_eq!(fs::read(target.join("fake-idx")).unwrap(), contents);
         let leftovers: Vec<_> = fs::read_dir(&target)
@@ -1227,17 +1450,20 @@ mod tests {
     fn download_checksum_mismatch_names_both_hashes() {
         let contents = b"tampered contents".to_vec();
         let expected = sha256_hex(b"original contents");
-        let files = [FileSpec {
-            name: "fake-idx",
-            sha256: &expected,
-        }];
+        let files = [FileSpec::mnist("fake-idx", &expected)];
         let mut served = HashMap::new();
         served.insert("/mirror/fake-idx.gz".to_string(), gzip(&contents));
         let address = serve(served);
         let mirror = format!("http://{address}/mirror/");
 
         let dir = tempfile::tempdir().unwrap();
-        let error = ensure_files(dir.path(), true, &[&mirror], &files, &test_agent()).unwrap_err();
+        let error = ensure_files(
+            dir.path(),
+            true,
+            &gzip_source(&[&mirror], &files),
+            &test_agent(),
+        )
+        .unwrap_err();
 
         let message = error.to_string();
         let DataError::Download { name, failures } = error else {
@@ -1246,12 +1472,14 @@ mod tests {
         assert_eq!(name, "fake-idx");
         assert_eq!(failures.len(), 1);
         let MirrorError::ChecksumMismatch {
+            algorithm,
             expected: reported,
             actual,
         } = &failures[0].error
         else {
             panic!("expected a checksum mismatch, got {}", failures[0].error);
         };
+        assert_eq!(*algorithm, "SHA-256");
         assert_eq!(reported, &expected);
         assert_eq!(actual, &sha256_hex(&contents));
         assert!(message.contains(&expected), "{message}");
@@ -1264,10 +1492,7 @@ mod tests {
 
     #[test]
     fn download_lists_every_mirror_failure() {
-        let files = [FileSpec {
-            name: "fake-idx",
-            sha256: "00",
-        }];
+        let files = [FileSpec::mnist("fake-idx", "00")];
         let address = serve(HashMap::new());
         let not_found = format!("http://{address}/");
         let refused = format!("http://{}/", closed_port());
@@ -1276,8 +1501,7 @@ mod tests {
         let error = ensure_files(
             dir.path(),
             true,
-            &[&not_found, &refused],
-            &files,
+            &gzip_source(&[&not_found, &refused], &files),
             &test_agent(),
         )
         .unwrap_err();
@@ -1310,14 +1534,8 @@ mod tests {
         let downloaded_hash = sha256_hex(&contents);
         let local_hash = sha256_hex(b"published local contents");
         let files = [
-            FileSpec {
-                name: "local-idx",
-                sha256: &local_hash,
-            },
-            FileSpec {
-                name: "fake-idx",
-                sha256: &downloaded_hash,
-            },
+            FileSpec::mnist("local-idx", &local_hash),
+            FileSpec::mnist("fake-idx", &downloaded_hash),
         ];
         let mut served = HashMap::new();
         served.insert("/fake-idx.gz".to_string(), gzip(&contents));
@@ -1326,7 +1544,13 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("local-idx"), b"some other local contents").unwrap();
-        let error = ensure_files(dir.path(), true, &[&mirror], &files, &test_agent()).unwrap_err();
+        let error = ensure_files(
+            dir.path(),
+            true,
+            &gzip_source(&[&mirror], &files),
+            &test_agent(),
+        )
+        .unwrap_err();
         assert!(
             matches!(&error, DataError::ChecksumMismatch { path, .. } if path.ends_with("local-idx")),
             "{error}"

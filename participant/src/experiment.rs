@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::cli::{SharingArgs, TrainingArgs, participant_seed};
-use crate::data::{Dataset, Mnist, ensure_mnist, load_mnist};
+use crate::data::{Dataset, DatasetKind, Splits};
 use crate::device::DeviceChoice;
 use crate::dssgd::{Participant, Selection, train_alone};
 use crate::metrics::write_json;
@@ -52,7 +52,11 @@ pub struct ExperimentArgs {
     #[arg(long, env = "DSSGD_DATA_DIR", default_value = "data/mnist")]
     pub data_dir: PathBuf,
 
-    /// Do not download MNIST when --data-dir lacks it.
+    /// Folder with the SVHN files train_32x32.mat and test_32x32.mat.
+    #[arg(long, env = "DSSGD_SVHN_DIR", default_value = "data/svhn")]
+    pub svhn_dir: PathBuf,
+
+    /// Do not download a dataset whose folder lacks it.
     #[arg(long)]
     pub no_download: bool,
 
@@ -77,6 +81,16 @@ pub struct ExperimentArgs {
     /// Path of the dssgd-server binary (default: next to this binary).
     #[arg(long, env = "DSSGD_SERVER_BIN")]
     pub server_bin: Option<PathBuf>,
+}
+
+impl ExperimentArgs {
+    /// The data folder of `cell`'s dataset.
+    fn data_dir(&self, cell: &CellSettings) -> &Path {
+        match cell.dataset_kind() {
+            Ok(DatasetKind::Svhn) => &self.svhn_dir,
+            _ => &self.data_dir,
+        }
+    }
 }
 
 /// What a cell runs.
@@ -239,11 +253,22 @@ impl CellSettings {
         serde_json::from_value(Value::Object(map)).expect("a reference is valid settings")
     }
 
-    /// The participant's training settings.
+    /// The dataset, by name.
+    pub fn dataset_kind(&self) -> anyhow::Result<DatasetKind> {
+        match self.dataset.as_str() {
+            "mnist" => Ok(DatasetKind::Mnist),
+            "svhn" => Ok(DatasetKind::Svhn),
+            other => bail!("invalid dataset {other:?}: expected \"mnist\" or \"svhn\""),
+        }
+    }
+
+    /// The participant's training settings, reading the dataset from
+    /// `data_dir`.
     pub fn training(&self, data_dir: &Path, device: DeviceChoice) -> TrainingArgs {
         TrainingArgs {
             model: self.model,
-            data_dir: data_dir.to_path_buf(),
+            dataset: self.dataset_kind().unwrap_or(DatasetKind::Mnist),
+            data_dir: Some(data_dir.to_path_buf()),
             download: false,
             participants: self.participants,
             shard_fraction: self.shard_fraction,
@@ -279,9 +304,7 @@ impl CellSettings {
 
     /// Checks every setting as the participant's command line would.
     fn validate(&self) -> anyhow::Result<()> {
-        if self.dataset != "mnist" {
-            bail!("invalid dataset {:?}: expected \"mnist\"", self.dataset);
-        }
+        self.dataset_kind()?;
         self.training(Path::new("."), DeviceChoice::Cpu)
             .validate()?;
         self.sharing().validate()?;
@@ -294,15 +317,20 @@ impl CellSettings {
     /// Relative cost of the cell, in example-epochs weighted by the model's
     /// cost per example, for the estimate of the time left.
     fn cost(&self) -> u64 {
-        let shard = (self.shard_fraction * 60_000.0).round().max(1.0) as u64;
+        let dataset = match self.dataset_kind() {
+            Ok(DatasetKind::Svhn) => 73_257.0,
+            _ => 60_000.0,
+        };
+        let shard = (self.shard_fraction * dataset).round().max(1.0) as u64;
         let examples = match self.method {
             Method::Collaborative => shard * self.participants as u64,
             Method::Standalone => shard * self.standalone_sample as u64,
-            Method::Centralized => (shard * self.participants as u64).min(60_000),
+            Method::Centralized => (shard * self.participants as u64).min(dataset as u64),
         };
         let weight = match self.model {
             ModelKind::Mlp => 1,
             ModelKind::Cnn => 8,
+            ModelKind::SvhnCnn => 40,
         };
         examples * self.epochs as u64 * weight
     }
@@ -544,7 +572,7 @@ fn run_collaborative_cell(
             .with_context(|| format!("failed to clear {}", run_dir.display()))?;
     }
     let simulate = SimulateArgs {
-        training: cell.training(&args.data_dir, args.device),
+        training: cell.training(args.data_dir(cell), args.device),
         sharing: cell.sharing(),
         ordering: cell.ordering,
         output: run_dir.clone(),
@@ -635,11 +663,11 @@ struct Task {
 fn run_reference_cell(
     cell: &CellSettings,
     args: &ExperimentArgs,
-    data: &Mnist,
+    data: &Splits,
     progress: &mut CellProgress<'_>,
 ) -> anyhow::Result<CellResult> {
     let started = Instant::now();
-    let training = cell.training(&args.data_dir, args.device);
+    let training = cell.training(args.data_dir(cell), args.device);
     let device = crate::device::resolve_device(args.device)?;
     let tasks: Vec<Task> = match cell.method {
         Method::Standalone => {
@@ -840,15 +868,23 @@ pub fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
     let per_process = args
         .participants_per_process
         .unwrap_or(experiment.section.participants_per_process);
-    let needs_data = pending.iter().any(|c| c.method != Method::Collaborative);
-    ensure_mnist(&args.data_dir, !args.no_download)?;
     // The inter-op thread count must be set before any training here.
     TrainingArgs::set_threads(1);
-    let data = if needs_data {
-        Some(load_mnist(&args.data_dir)?)
-    } else {
-        None
-    };
+    let mut data: HashMap<DatasetKind, Splits> = HashMap::new();
+    for cell in &pending {
+        let kind = cell.dataset_kind()?;
+        if data.contains_key(&kind) {
+            continue;
+        }
+        let dir = args.data_dir(cell);
+        kind.ensure(dir, !args.no_download)?;
+        if pending
+            .iter()
+            .any(|c| c.method != Method::Collaborative && c.dataset == cell.dataset)
+        {
+            data.insert(kind, kind.load(dir)?);
+        }
+    }
 
     let multi = MultiProgress::new();
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -914,12 +950,10 @@ pub fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
             Method::Collaborative => {
                 run_collaborative_cell(cell, args, per_process, &dir, &mut progress)
             }
-            _ => run_reference_cell(
-                cell,
-                args,
-                data.as_ref().expect("data is loaded for reference cells"),
-                &mut progress,
-            ),
+            _ => match cell.dataset_kind() {
+                Ok(kind) => run_reference_cell(cell, args, &data[&kind], &mut progress),
+                Err(error) => Err(error),
+            },
         };
         finished_cost += cost;
         grid_bar.set_position(finished_cost);
@@ -1057,6 +1091,21 @@ theta_u = 0.1
         let model = "[experiment]\nname = \"t\"\n[base]\nmodel = \"resnet\"\n";
         let error = format!("{:#}", parse(model, "x.toml").unwrap_err());
         assert!(error.contains("resnet"), "{error}");
+    }
+
+    #[test]
+    fn svhn_cells_need_the_svhn_network() {
+        let good = "[experiment]\nname = \"t\"\n[base]\ndataset = \"svhn\"\nmodel = \"svhn-cnn\"\n";
+        let experiment = parse(good, "x.toml").unwrap();
+        assert!(
+            experiment
+                .cells
+                .iter()
+                .all(|c| c.dataset_kind().unwrap() == DatasetKind::Svhn)
+        );
+        let bad = "[experiment]\nname = \"t\"\n[base]\ndataset = \"svhn\"\nmodel = \"cnn\"\n";
+        let error = format!("{:#}", parse(bad, "x.toml").unwrap_err());
+        assert!(error.contains("svhn") && error.contains("cnn"), "{error}");
     }
 
     #[test]

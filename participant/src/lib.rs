@@ -2,8 +2,10 @@
 //! and shares only selected, bounded parameter changes with the parameter
 //! server.
 //!
-//! - [`data`]: MNIST loading (IDX, gzip or raw) and verified download.
-//! - [`model`]: the MLP and CNN and their flat parameter vector.
+//! - [`data`]: MNIST loading (IDX, gzip or raw), verified download and the
+//!   choice of dataset.
+//! - [`svhn`]: SVHN loading (MATLAB level-5 MAT-files) and verified download.
+//! - [`model`]: the MLP, the two CNNs and their flat parameter vector.
 //! - [`train`]: local mini-batch SGD and evaluation.
 //! - [`device`]: CPU or CUDA choice.
 //! - [`client`]: the gRPC client with retries.
@@ -28,4 +30,5 @@ pub mod model;
 pub mod plot;
 pub mod report;
 pub mod simulate;
+pub mod svhn;
 pub mod train;

@@ -1,4 +1,5 @@
-//! The two MNIST networks and their parameters as one flat vector.
+//! The two MNIST networks, the SVHN network and their parameters as one
+//! flat vector.
 //!
 //! DSSGD exchanges parameters by their position in a flat vector, so every
 //! participant must flatten in the same order: all variables sorted by their
@@ -11,6 +12,8 @@ use sha2::{Digest, Sha256};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use crate::data::DatasetKind;
+
 /// Network architecture that a run trains.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -22,6 +25,11 @@ pub enum ModelKind {
     /// Convolutional network: two 5x5 convolutions with tanh and max-pooling,
     /// then 256-200-10, 105,506 parameters.
     Cnn,
+    /// Convolutional network for SVHN: two blocks of a 5x5 convolution with
+    /// 64 maps, tanh, L2 pooling and subtractive normalisation, then
+    /// 1600-128-10, 313,546 parameters.
+    #[serde(rename = "svhn-cnn")]
+    SvhnCnn,
 }
 
 impl ModelKind {
@@ -30,6 +38,15 @@ impl ModelKind {
         match self {
             ModelKind::Mlp => "mlp",
             ModelKind::Cnn => "cnn",
+            ModelKind::SvhnCnn => "svhn-cnn",
+        }
+    }
+
+    /// Returns the dataset whose images the network takes as input.
+    pub fn dataset(self) -> DatasetKind {
+        match self {
+            ModelKind::Mlp | ModelKind::Cnn => DatasetKind::Mnist,
+            ModelKind::SvhnCnn => DatasetKind::Svhn,
         }
     }
 }
@@ -110,8 +127,109 @@ fn build_net(kind: ModelKind, root: &nn::Path<'_>) -> nn::Sequential {
             .add(nn::linear(root / "fc1", 256, 200, Default::default()))
             .add_fn(Tensor::tanh)
             .add(nn::linear(root / "fc2", 200, 10, Default::default())),
+        // 32x32 -> conv 28x28 -> pool 14x14 -> conv 10x10 -> pool 5x5, so 64 * 5 * 5 = 1600 features.
+        ModelKind::SvhnCnn => {
+            let window = gaussian_window(NORMALISATION_WINDOW, NORMALISATION_SIGMA);
+            let second_window = window.clone();
+            nn::seq()
+                .add(nn::conv2d(root / "conv1", 3, 64, 5, Default::default()))
+                .add_fn(Tensor::tanh)
+                .add_fn(l2_pool)
+                .add_fn(move |xs| subtractive_normalisation(xs, &window))
+                .add(nn::conv2d(root / "conv2", 64, 64, 5, Default::default()))
+                .add_fn(Tensor::tanh)
+                .add_fn(l2_pool)
+                .add_fn(move |xs| subtractive_normalisation(xs, &second_window))
+                .add_fn(|xs| xs.flatten(1, -1))
+                .add(nn::linear(root / "fc1", 1600, 128, Default::default()))
+                .add_fn(Tensor::tanh)
+                .add(nn::linear(root / "fc2", 128, 10, Default::default()))
+        }
     };
     net.add_fn(|xs| xs.log_softmax(-1, Kind::Float))
+}
+
+/// Added to the mean of squares before the square root of [`l2_pool`]: the
+/// square root has an infinite derivative at 0, so a window of zeros would
+/// otherwise give NaN gradients.
+const L2_POOL_EPSILON: f64 = 1e-6;
+
+/// L2 pooling over non-overlapping 2x2 windows: the square root of the mean
+/// of the four squares. The mean rather than the sum keeps the output in the
+/// range of the input (tanh outputs in [-1, 1] pool to [0, 1]) whatever the
+/// window size, as max pooling does.
+fn l2_pool(xs: &Tensor) -> Tensor {
+    (xs.square()
+        .avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)
+        + L2_POOL_EPSILON)
+        .sqrt()
+}
+
+/// Side of the Gaussian window of the subtractive normalisation, in pixels.
+/// NOTE: the side and [`NORMALISATION_SIGMA`] are a choice, not tuned on
+/// SVHN. A 5x5 window spans the whole 5x5 map of the second block.
+const NORMALISATION_WINDOW: i64 = 5;
+
+/// Standard deviation of that window, in pixels.
+const NORMALISATION_SIGMA: f64 = 1.0;
+
+/// Returns a `side` x `side` Gaussian window of standard deviation `sigma`,
+/// in row-major order, with weights that sum to 1.
+fn gaussian_window(side: i64, sigma: f64) -> Vec<f32> {
+    let centre = (side - 1) as f64 / 2.0;
+    let weights: Vec<f64> = (0..side * side)
+        .map(|index| {
+            let row = (index / side) as f64 - centre;
+            let column = (index % side) as f64 - centre;
+            (-(row * row + column * column) / (2.0 * sigma * sigma)).exp()
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    weights
+        .iter()
+        .map(|weight| (weight / total) as f32)
+        .collect()
+}
+
+/// Subtractive normalisation, the subtractive step of the local contrast
+/// normalisation in Jarrett et al., "What is the best multi-stage
+/// architecture for object recognition?" (ICCV 2009). It subtracts from every
+/// value the Gaussian-weighted mean of its neighbourhood, taken over all
+/// feature maps at once.
+///
+/// The maps are averaged, then convolved with `window` under zero padding.
+/// Near the border part of the window lies outside the image, so the result
+/// is divided by the window weight that lies inside. The subtracted value is
+/// then a weighted mean of real values everywhere. The layer has no
+/// parameters, so the flat parameter vector contains only learned weights.
+fn subtractive_normalisation(xs: &Tensor, window: &[f32]) -> Tensor {
+    let side = NORMALISATION_WINDOW;
+    let padding = side / 2;
+    let kernel = Tensor::from_slice(window)
+        .view([1, 1, side, side])
+        .to_kind(xs.kind())
+        .to_device(xs.device());
+    let size = xs.size();
+    let (height, width) = (size[2], size[3]);
+
+    let maps_mean = xs.mean_dim([1i64].as_slice(), true, xs.kind());
+    let weighted = maps_mean.conv2d(
+        &kernel,
+        None::<Tensor>,
+        [1, 1],
+        [padding, padding],
+        [1, 1],
+        1,
+    );
+    let inside = Tensor::ones([1, 1, height, width], (xs.kind(), xs.device())).conv2d(
+        &kernel,
+        None::<Tensor>,
+        [1, 1],
+        [padding, padding],
+        [1, 1],
+        1,
+    );
+    xs - weighted / inside
 }
 
 /// `tch::manual_seed` seeds one process-wide generator, so two models built
@@ -171,11 +289,11 @@ impl Model {
         self.vs.device()
     }
 
-    /// Runs the network on `xs` (`[B, 1, 28, 28]` f32) and returns
-    /// log-probabilities `[B, 10]`.
+    /// Runs the network on `xs` (`[B, 1, 28, 28]` f32 for the MNIST models,
+    /// `[B, 3, 32, 32]` for `svhn-cnn`) and returns log-probabilities `[B, 10]`.
     ///
     /// `train` exists for the usual `forward_t` signature and changes nothing,
-    /// because neither network has dropout or batch normalisation.
+    /// because no network has dropout or batch normalisation.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let _ = train;
         self.net.forward(xs)
@@ -338,6 +456,71 @@ mod tests {
     }
 
     #[test]
+    fn svhn_cnn_has_313546_parameters() {
+        let model = Model::new(ModelKind::SvhnCnn, Device::Cpu, 1);
+        // conv1 3*64*25 + 64, conv2 64*64*25 + 64, fc1 1600*128 + 128, fc2 128*10 + 10.
+        assert_eq!(model.parameter_count(), 313_546);
+        assert_eq!(model.flat_parameters().len(), 313_546);
+        let layout = model.layout();
+        assert_eq!(layout[1], ("conv1.weight".to_string(), vec![64, 3, 5, 5]));
+        assert_eq!(layout[3], ("conv2.weight".to_string(), vec![64, 64, 5, 5]));
+        assert_eq!(layout[5], ("fc1.weight".to_string(), vec![128, 1600]));
+        assert_eq!(layout[7], ("fc2.weight".to_string(), vec![10, 128]));
+    }
+
+    #[test]
+    fn gaussian_window_sums_to_one() {
+        let window = gaussian_window(NORMALISATION_WINDOW, NORMALISATION_SIGMA);
+        assert_eq!(window.len(), 25);
+        let total: f32 = window.iter().sum();
+        assert!((total - 1.0).abs() < 1e-6, "sum {total}");
+        // The centre weighs most, and the window is symmetric.
+        let centre = window[12];
+        assert!(window.iter().all(|&weight| weight <= centre));
+        assert_eq!(window[0], window[24]);
+        assert_eq!(window[2], window[10]);
+    }
+
+    #[test]
+    fn subtractive_normalisation_removes_constant() {
+        let window = gaussian_window(NORMALISATION_WINDOW, NORMALISATION_SIGMA);
+        let xs = Tensor::full([2, 4, 6, 6], 0.7, (Kind::Float, Device::Cpu));
+        let output = subtractive_normalisation(&xs, &window);
+        assert_eq!(output.size(), [2, 4, 6, 6]);
+        // Without the border correction the border would keep part of 0.7.
+        let max_error = output.abs().max().double_value(&[]);
+        assert!(max_error < 1e-6, "largest value {max_error}");
+    }
+
+    #[test]
+    fn subtractive_normalisation_averages_maps() {
+        let window = gaussian_window(NORMALISATION_WINDOW, NORMALISATION_SIGMA);
+        // Maps of 1 and -1 have a mean of 0 everywhere, so nothing is subtracted.
+        let xs = Tensor::cat(
+            &[
+                Tensor::ones([1, 1, 5, 5], (Kind::Float, Device::Cpu)),
+                -Tensor::ones([1, 1, 5, 5], (Kind::Float, Device::Cpu)),
+            ],
+            1,
+        );
+        let output = subtractive_normalisation(&xs, &window);
+        let max_error = (output - &xs).abs().max().double_value(&[]);
+        assert!(max_error < 1e-6, "changed by {max_error}");
+    }
+
+    #[test]
+    fn l2_pool_takes_root_mean_square() {
+        let xs = Tensor::from_slice(&[3.0f32, -4.0, 0.0, 0.0]).view([1, 1, 2, 2]);
+        let pooled = l2_pool(&xs);
+        assert_eq!(pooled.size(), [1, 1, 1, 1]);
+        // sqrt((9 + 16 + 0 + 0) / 4) = 2.5
+        let value = pooled.double_value(&[0, 0, 0, 0]);
+        assert!((value - 2.5).abs() < 1e-5, "pooled {value}");
+        let zeros = l2_pool(&Tensor::zeros([1, 1, 2, 2], (Kind::Float, Device::Cpu)));
+        assert!(zeros.double_value(&[0, 0, 0, 0]).is_finite());
+    }
+
+    #[test]
     fn layout_is_sorted_by_name() {
         let model = Model::new(ModelKind::Cnn, Device::Cpu, 1);
         let layout = model.layout();
@@ -361,7 +544,7 @@ mod tests {
 
     #[test]
     fn same_seed_gives_same_parameters() {
-        for kind in [ModelKind::Mlp, ModelKind::Cnn] {
+        for kind in [ModelKind::Mlp, ModelKind::Cnn, ModelKind::SvhnCnn] {
             let first = Model::new(kind, Device::Cpu, 42).flat_parameters();
             let second = Model::new(kind, Device::Cpu, 42).flat_parameters();
             assert_eq!(first, second, "{kind:?}");
@@ -498,18 +681,24 @@ mod tests {
         let mlp = Model::new(ModelKind::Mlp, Device::Cpu, 1).layout_hash();
         let mlp_other_seed = Model::new(ModelKind::Mlp, Device::Cpu, 2).layout_hash();
         let cnn = Model::new(ModelKind::Cnn, Device::Cpu, 1).layout_hash();
+        let svhn_cnn = Model::new(ModelKind::SvhnCnn, Device::Cpu, 1).layout_hash();
         assert_eq!(mlp.len(), 16);
         assert!(mlp.chars().all(|c| c.is_ascii_hexdigit()), "{mlp}");
         assert_eq!(mlp, mlp_other_seed);
         assert_ne!(mlp, cnn);
+        assert_ne!(cnn, svhn_cnn);
     }
 
     #[test]
     fn forward_returns_log_probabilities() {
-        for kind in [ModelKind::Mlp, ModelKind::Cnn] {
+        for kind in [ModelKind::Mlp, ModelKind::Cnn, ModelKind::SvhnCnn] {
             let model = Model::new(kind, Device::Cpu, 5);
-            let xs = Tensor::linspace(-2.0, 2.0, 7 * 784, (Kind::Float, Device::Cpu))
-                .view([7, 1, 28, 28]);
+            let dataset = kind.dataset();
+            let channels = dataset.channels() as i64;
+            let side = dataset.image_side() as i64;
+            let count = 7 * channels * side * side;
+            let xs = Tensor::linspace(-2.0, 2.0, count, (Kind::Float, Device::Cpu))
+                .view([7, channels, side, side]);
             let output = model.forward_t(&xs, false);
             assert_eq!(output.size(), [7, 10], "{kind:?}");
             let row_sums = output.exp().sum_dim_intlist(1, false, Kind::Float);
@@ -533,5 +722,21 @@ mod tests {
         assert_eq!(ModelKind::Mlp.name(), "mlp");
         assert_eq!(ModelKind::Cnn.name(), "cnn");
         assert_eq!(serde_json::to_string(&ModelKind::Cnn).unwrap(), "\"cnn\"");
+        assert_eq!(ModelKind::SvhnCnn.name(), "svhn-cnn");
+        assert_eq!(
+            serde_json::to_string(&ModelKind::SvhnCnn).unwrap(),
+            "\"svhn-cnn\""
+        );
+        for kind in <ModelKind as clap::ValueEnum>::value_variants() {
+            let value = clap::ValueEnum::to_possible_value(kind).unwrap();
+            assert_eq!(value.get_name(), kind.name(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn models_name_their_dataset() {
+        assert_eq!(ModelKind::Mlp.dataset(), DatasetKind::Mnist);
+        assert_eq!(ModelKind::Cnn.dataset(), DatasetKind::Mnist);
+        assert_eq!(ModelKind::SvhnCnn.dataset(), DatasetKind::Svhn);
     }
 }

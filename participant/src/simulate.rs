@@ -20,7 +20,6 @@ use serde_json::Value;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::cli::{SharingArgs, TrainingArgs, TransportArgs, parse_ordering};
-use crate::data::ensure_mnist;
 use crate::host::participant_id;
 use crate::metrics::significant;
 
@@ -60,7 +59,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub skip_baselines: bool,
 
-    /// Do not download MNIST when --data-dir lacks it.
+    /// Do not download the dataset when the data folder lacks its files.
     #[arg(long)]
     pub no_download: bool,
 
@@ -202,7 +201,8 @@ fn training_flags(training: &TrainingArgs) -> Vec<String> {
     let device = format!("{:?}", training.device).to_lowercase();
     let pairs = [
         ("--model", model),
-        ("--data-dir", training.data_dir.display().to_string()),
+        ("--dataset", training.dataset.name().to_string()),
+        ("--data-dir", training.data_dir().display().to_string()),
         ("--participants", training.participants.to_string()),
         ("--shard-fraction", training.shard_fraction.to_string()),
         ("--data-seed", training.data_seed.to_string()),
@@ -383,7 +383,9 @@ pub fn run(args: &SimulateArgs, on_progress: &mut dyn FnMut(&Progress)) -> anyho
     training.validate()?;
     args.sharing.validate()?;
     check_positive("lease-seconds", args.lease_seconds)?;
-    ensure_mnist(&training.data_dir, !args.no_download)?;
+    training
+        .dataset
+        .ensure(&training.data_dir(), !args.no_download)?;
 
     let logs = args.output.join("logs");
     let results = args.output.join("metrics");
@@ -714,5 +716,50 @@ fn print_summary(summary: &Summary) {
     }
     for line in &summary.stopped_early {
         println!("  stopped early: {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::data::DatasetKind;
+    use crate::model::ModelKind;
+
+    fn parse<T: Into<OsString> + Clone>(argv: impl IntoIterator<Item = T>) -> Command {
+        Cli::try_parse_from(argv).unwrap().command
+    }
+
+    #[test]
+    fn training_flags_carry_dataset() {
+        let argv = [
+            "dssgd-participant",
+            "simulate",
+            "--dataset",
+            "svhn",
+            "--model",
+            "svhn-cnn",
+        ];
+        let Command::Simulate(mut args) = parse(argv) else {
+            panic!("expected simulate");
+        };
+        // Cleared in case DSSGD_DATA_DIR is set where the tests run.
+        args.training.data_dir = None;
+        let flags = training_flags(&args.training);
+
+        // A child parses the flags back into the same settings, with the
+        // default data folder made explicit.
+        let mut child = vec!["dssgd-participant".to_string(), "centralized".to_string()];
+        child.extend(flags);
+        let Command::Centralized(parsed) = parse(child) else {
+            panic!("expected centralized");
+        };
+        assert_eq!(parsed.training.dataset, DatasetKind::Svhn);
+        assert_eq!(parsed.training.model, ModelKind::SvhnCnn);
+        assert_eq!(parsed.training.data_dir, Some(PathBuf::from("data/svhn")));
     }
 }

@@ -67,8 +67,8 @@ struct Args {
     #[arg(long, env = "DSSGD_MAX_GAMMA", allow_negative_numbers = true)]
     max_gamma: Option<f64>,
 
-    /// Accept only participants of this model (mlp or cnn); by default the
-    /// first participant's model is served.
+    /// Accept only participants of this model (mlp, cnn or svhn-cnn); by
+    /// default the first participant's model is served.
     #[arg(long, env = "DSSGD_MODEL")]
     model: Option<String>,
 
@@ -218,8 +218,8 @@ fn config_from(args: &Args) -> anyhow::Result<ServerConfig> {
     }
     if let Some(model) = &args.model {
         anyhow::ensure!(
-            matches!(model.as_str(), "mlp" | "cnn"),
-            "invalid model {model:?}: expected mlp or cnn"
+            matches!(model.as_str(), "mlp" | "cnn" | "svhn-cnn"),
+            "invalid model {model:?}: expected mlp, cnn or svhn-cnn"
         );
     }
     anyhow::ensure!(
