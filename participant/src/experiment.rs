@@ -4,8 +4,8 @@
 //! collaborative federation (the real server and real participant
 //! processes over gRPC, as `simulate` runs them) or a reference (the
 //! standalone or centralized baseline, trained in this process). The
-//! runner adds the references each collaborative cell needs, runs every
-//! cell that has no result yet, and after each cell rewrites the outputs:
+//! runner adds the references each collaborative cell needs and runs every
+//! cell that has no result yet. After each cell it rewrites the outputs:
 //! the effective configuration, a CSV and a JSON of every cell, the plots
 //! (PNG and SVG) and a Markdown report.
 //!
@@ -84,7 +84,7 @@ pub struct ExperimentArgs {
 }
 
 impl ExperimentArgs {
-    /// The data folder of `cell`'s dataset.
+    /// Returns the data folder of `cell`'s dataset.
     fn data_dir(&self, cell: &CellSettings) -> &Path {
         match cell.dataset_kind() {
             Ok(DatasetKind::Svhn) => &self.svhn_dir,
@@ -93,7 +93,7 @@ impl ExperimentArgs {
     }
 }
 
-/// What a cell runs.
+/// Kind of run a cell makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
@@ -367,7 +367,29 @@ struct ConfigFile {
     base: toml::Table,
     #[serde(default)]
     grid: Vec<toml::Table>,
+    #[serde(default)]
+    plot: Vec<PlotSpec>,
 }
+
+/// Numeric settings a `[[plot]]` can take as its x axis.
+const NUMERIC_KEYS: [&str; 16] = [
+    "participants",
+    "shard_fraction",
+    "dirichlet_alpha",
+    "theta_u",
+    "theta_d",
+    "gamma",
+    "tau",
+    "epsilon",
+    "epsilon_per_parameter",
+    "epochs",
+    "lr",
+    "lr_decay",
+    "batch_size",
+    "momentum",
+    "seed",
+    "standalone_sample",
+];
 
 /// A parsed experiment: its header and its cells, in running order.
 #[derive(Clone, Debug)]
@@ -376,6 +398,30 @@ pub struct Experiment {
     pub section: ExperimentSection,
     /// Every cell, references first, without repeats.
     pub cells: Vec<CellSettings>,
+    /// For each `[[grid]]` table, the positions in `cells` of its
+    /// collaborative cells.
+    pub grids: Vec<Vec<usize>>,
+    /// The `[[plot]]` tables.
+    pub plots: Vec<PlotSpec>,
+}
+
+/// A `[[plot]]` table: one more chart, over the finished collaborative
+/// cells that match `where`, across grids.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlotSpec {
+    /// The x axis: `epoch`, or a numeric setting such as `participants`.
+    pub x: String,
+    /// Settings a cell must have to be drawn.
+    #[serde(default, rename = "where")]
+    pub filter: Map<String, Value>,
+    /// Settings whose combinations make the lines (default: every other
+    /// setting that varies among the drawn cells).
+    #[serde(default)]
+    pub series: Option<Vec<String>>,
+    /// Chart title.
+    #[serde(default)]
+    pub title: Option<String>,
 }
 
 fn to_json(value: &toml::Value) -> Value {
@@ -400,14 +446,46 @@ pub fn parse(text: &str, origin: &str) -> anyhow::Result<Experiment> {
     } else {
         file.grid.clone()
     };
-    let mut cells: Vec<CellSettings> = Vec::new();
-    let mut seen = BTreeSet::new();
-    let mut push = |cell: CellSettings, cells: &mut Vec<CellSettings>| {
-        if seen.insert(cell.id()) {
-            cells.push(cell);
+    let known: BTreeSet<String> = defaults()
+        .keys()
+        .cloned()
+        .chain(
+            [
+                "dirichlet_alpha",
+                "selection",
+                "epsilon",
+                "epsilon_per_parameter",
+            ]
+            .map(String::from),
+        )
+        .collect();
+    for (number, plot) in file.plot.iter().enumerate() {
+        let place = format!("{origin}, plot {}", number + 1);
+        if plot.x != "epoch" && !NUMERIC_KEYS.contains(&plot.x.as_str()) {
+            bail!(
+                "{place}: invalid x {:?}: expected \"epoch\" or one of {}",
+                plot.x,
+                NUMERIC_KEYS.join(", ")
+            );
         }
+        let keys = plot.filter.keys().chain(plot.series.iter().flatten());
+        for key in keys {
+            if !known.contains(key) {
+                bail!("{place}: unknown setting {key:?}");
+            }
+        }
+    }
+    let mut cells: Vec<CellSettings> = Vec::new();
+    let mut grid_cells: Vec<Vec<usize>> = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut push = |cell: CellSettings, cells: &mut Vec<CellSettings>| -> usize {
+        *seen.entry(cell.id()).or_insert_with(|| {
+            cells.push(cell);
+            cells.len() - 1
+        })
     };
     for (number, grid) in grids.iter().enumerate() {
+        let mut members = Vec::new();
         let mut fixed = base.clone();
         let mut axes: Vec<(String, Vec<Value>)> = Vec::new();
         for (key, value) in grid {
@@ -455,12 +533,19 @@ pub fn parse(text: &str, origin: &str) -> anyhow::Result<Experiment> {
                 push(cell.reference(Method::Standalone), &mut cells);
                 push(cell.reference(Method::Centralized), &mut cells);
             }
-            push(cell, &mut cells);
+            let collaborative = cell.method == Method::Collaborative;
+            let position = push(cell, &mut cells);
+            if collaborative && !members.contains(&position) {
+                members.push(position);
+            }
         }
+        grid_cells.push(members);
     }
     Ok(Experiment {
         section: file.experiment,
         cells,
+        grids: grid_cells,
+        plots: file.plot,
     })
 }
 
@@ -796,6 +881,20 @@ fn bar_style(template: &str) -> ProgressStyle {
         .progress_chars("=> ")
 }
 
+/// This process's command line, with the program named by its file name.
+fn invocation() -> String {
+    let mut words: Vec<String> = std::env::args().collect();
+    if let Some(program) = words.first_mut() {
+        let name = Path::new(program.as_str())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        if let Some(name) = name {
+            *program = name;
+        }
+    }
+    words.join(" ")
+}
+
 /// Runs the `experiment` subcommand.
 pub fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config).with_context(|| {
@@ -853,11 +952,19 @@ pub fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let command = format!(
-        "dssgd-participant experiment {} --output {}",
-        args.config.display(),
-        root.display()
-    );
+    // The report names the command that ran the cells; --report-only keeps
+    // the one recorded by the last run.
+    let recorded = root.join("command.txt");
+    let command = if args.report_only {
+        std::fs::read_to_string(&recorded)
+            .map(|text| text.trim().to_string())
+            .unwrap_or_else(|_| invocation())
+    } else {
+        let command = invocation();
+        std::fs::write(&recorded, format!("{command}\n"))
+            .with_context(|| format!("failed to write {}", recorded.display()))?;
+        command
+    };
     if args.report_only {
         let failures = BTreeMap::new();
         crate::report::write_outputs(&root, &experiment, &results, &failures, &command)?;

@@ -37,7 +37,7 @@ const COLOURS: [RGBColor; 8] = [
     RGBColor(0, 0, 0),
 ];
 
-/// How a line is drawn.
+/// Style of a line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Line {
     /// A solid line, for measured series.
@@ -55,7 +55,7 @@ pub struct Series {
     pub label: String,
     /// Points, in x order.
     pub points: Vec<(f64, f64)>,
-    /// How the line is drawn.
+    /// Style of the line.
     pub line: Line,
     /// Index into the palette.
     pub colour: usize,

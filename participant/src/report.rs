@@ -69,8 +69,8 @@ const SWEEP_KEYS: [(&str, bool); 7] = [
 /// its points and the index of its group.
 type ReferenceLine = (Method, String, Vec<(f64, f64)>, usize);
 
-/// How a reference of `method` is drawn: standalone dashed, centralized
-/// dotted.
+/// Returns the line style of a reference of `method`: dashed for
+/// standalone, dotted for centralized.
 fn reference_line(method: Method) -> Line {
     if method == Method::Standalone {
         Line::Dashed
@@ -110,7 +110,7 @@ fn optional(value: Option<f64>, digits: usize) -> String {
     value.map_or(String::new(), |v| format!("{v:.digits$}"))
 }
 
-/// The references of a collaborative cell, when they have finished.
+/// Returns the finished references of a collaborative cell.
 fn references<'a>(
     cell: &CellSettings,
     results: &'a HashMap<String, CellResult>,
@@ -284,8 +284,153 @@ fn label(cell: &CellSettings, keys: &[String]) -> String {
     }
 }
 
+/// Points of a result's accuracy curve, x being the epoch.
+fn curve_points(result: &CellResult) -> Vec<(f64, f64)> {
+    result.curve.iter().map(|&(e, a)| (e as f64, a)).collect()
+}
+
+/// Accuracy by epoch of `cells`, one solid line each, with their distinct
+/// references dashed (standalone) and dotted (centralized).
+fn epochs_chart(
+    title: String,
+    cells: &[&CellSettings],
+    keys: &[String],
+    results: &HashMap<String, CellResult>,
+) -> Chart {
+    let mut series: Vec<Series> = cells
+        .iter()
+        .enumerate()
+        .map(|(n, cell)| Series {
+            label: label(cell, keys),
+            points: curve_points(&results[&cell.id()]),
+            line: Line::Solid,
+            colour: n,
+            markers: false,
+        })
+        .collect();
+    for method in [Method::Standalone, Method::Centralized] {
+        let mut references: Vec<CellSettings> = Vec::new();
+        for cell in cells {
+            let reference = cell.reference(method);
+            if results.contains_key(&reference.id()) && !references.contains(&reference) {
+                references.push(reference);
+            }
+        }
+        let refs: Vec<&CellSettings> = references.iter().collect();
+        let distinct = varying_keys(&refs);
+        for (n, reference) in refs.iter().enumerate() {
+            series.push(Series {
+                label: if distinct.is_empty() {
+                    method.name().to_string()
+                } else {
+                    format!("{} ({})", method.name(), label(reference, &distinct))
+                },
+                points: curve_points(&results[&reference.id()]),
+                line: reference_line(method),
+                colour: if distinct.is_empty() { 7 } else { n },
+                markers: false,
+            });
+        }
+    }
+    Chart {
+        title,
+        x_label: "local epoch".into(),
+        y_label: "test accuracy (mean of participants' models)".into(),
+        log_x: false,
+        series,
+    }
+}
+
+/// Final accuracy of `cells` against the setting `key`, one solid line per
+/// combination of `keys`, with the references of each line dashed
+/// (standalone) and dotted (centralized) where they differ.
+fn sweep_chart(
+    title: String,
+    key: &str,
+    log_x: bool,
+    cells: &[&CellSettings],
+    keys: &[String],
+    results: &HashMap<String, CellResult>,
+) -> Chart {
+    let x_of = |cell: &CellSettings| settings_map(cell)[key].as_f64().unwrap_or(f64::NAN);
+    let mut groups: BTreeMap<String, Vec<&CellSettings>> = BTreeMap::new();
+    for cell in cells {
+        groups.entry(label(cell, keys)).or_default().push(cell);
+    }
+    let mut series = Vec::new();
+    let mut reference_lines: Vec<ReferenceLine> = Vec::new();
+    for (n, (name, mut members)) in groups.into_iter().enumerate() {
+        members.sort_by(|a, b| x_of(a).total_cmp(&x_of(b)));
+        let points: Vec<(f64, f64)> = members
+            .iter()
+            .map(|c| (x_of(c), results[&c.id()].accuracy))
+            .collect();
+        series.push(Series {
+            label: name.clone(),
+            markers: true,
+            points,
+            line: Line::Solid,
+            colour: n,
+        });
+        for method in [Method::Standalone, Method::Centralized] {
+            let points: Vec<(f64, f64)> = members
+                .iter()
+                .filter_map(|c| Some((x_of(c), results.get(&c.reference(method).id())?.accuracy)))
+                .collect();
+            if points.is_empty() || reference_lines.iter().any(|line| line.2 == points) {
+                continue;
+            }
+            reference_lines.push((method, name.clone(), points, n));
+        }
+    }
+    let several = reference_lines.len() > 2;
+    for (method, group, points, colour) in reference_lines {
+        series.push(Series {
+            label: if several {
+                format!("{} ({group})", method.name())
+            } else {
+                method.name().to_string()
+            },
+            markers: points.len() == 1,
+            points,
+            line: reference_line(method),
+            colour: if several { colour } else { 7 },
+        });
+    }
+    Chart {
+        title,
+        x_label: key.into(),
+        y_label: "test accuracy of the final global model".into(),
+        log_x,
+        series,
+    }
+}
+
+/// Whether `cell` matches every key and value of `filter`.
+fn matches(cell: &CellSettings, filter: &Map<String, Value>) -> bool {
+    let map = settings_map(cell);
+    filter
+        .iter()
+        .all(|(key, wanted)| match (&map[key.as_str()], wanted) {
+            (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+            (a, b) => a == b,
+        })
+}
+
+fn log_axis(key: &str) -> bool {
+    SWEEP_KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .is_some_and(|(_, log)| *log)
+}
+
 /// Draws every chart the finished cells allow; returns the file stems
 /// with their captions, and the errors of charts that failed.
+///
+/// Each grid gets a chart of accuracy by epoch per model, and a chart of
+/// final accuracy against each numeric setting that varies within it.
+/// Each `[[plot]]` table of the configuration adds one chart over the cells
+/// it selects, across grids.
 fn plots(
     root: &Path,
     experiment: &Experiment,
@@ -298,179 +443,123 @@ fn plots(
         errors.push(format!("failed to create {}: {error}", dir.display()));
         return (made, errors);
     }
-    let done: Vec<&CellSettings> = experiment
-        .cells
-        .iter()
-        .filter(|c| c.method == Method::Collaborative && results.contains_key(&c.id()))
-        .collect();
-    let models: BTreeSet<&str> = done.iter().map(|c| c.model.name()).collect();
-    let mut charts: Vec<(String, Chart, String)> = Vec::new();
-
-    for model in &models {
-        let cells: Vec<&CellSettings> = done
-            .iter()
-            .copied()
-            .filter(|c| c.model.name() == *model)
-            .collect();
-        let keys = varying_keys(&cells);
-        let mut series = Vec::new();
-        for (n, cell) in cells.iter().enumerate() {
-            let result = &results[&cell.id()];
-            series.push(Series {
-                label: label(cell, &keys),
-                points: result.curve.iter().map(|&(e, a)| (e as f64, a)).collect(),
-                line: Line::Solid,
-                colour: n,
-                markers: false,
-            });
-        }
-        let mut seen = BTreeSet::new();
-        let mut groups: BTreeMap<String, usize> = BTreeMap::new();
-        for cell in &cells {
-            for method in [Method::Standalone, Method::Centralized] {
-                let reference = cell.reference(method);
-                let Some(result) = results.get(&reference.id()) else {
-                    continue;
-                };
-                if !seen.insert(reference.id()) {
-                    continue;
-                }
-                let mut text = method.name().to_string();
-                let distinct = varying_keys(&cells)
-                    .into_iter()
-                    .filter(|k| {
-                        ![
-                            "ordering",
-                            "theta_u",
-                            "theta_d",
-                            "gamma",
-                            "tau",
-                            "selection",
-                            "epsilon",
-                            "epsilon_per_parameter",
-                        ]
-                        .contains(&k.as_str())
-                    })
-                    .collect::<Vec<_>>();
-                let colour = if distinct.is_empty() {
-                    7
-                } else {
-                    let group = label(&reference, &distinct);
-                    text = format!("{text} ({group})");
-                    let known = groups.len();
-                    *groups.entry(group).or_insert(known)
-                };
-                series.push(Series {
-                    label: text,
-                    points: result.curve.iter().map(|&(e, a)| (e as f64, a)).collect(),
-                    line: reference_line(method),
-                    colour,
-                    markers: false,
-                });
+    // Charts of an earlier report that this one does not draw would
+    // otherwise stay beside the new ones.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "png" || e == "svg") {
+                let _ = std::fs::remove_file(&path);
             }
         }
-        if series.is_empty() {
-            continue;
-        }
-        charts.push((
-            format!("accuracy-vs-epochs-{model}"),
-            Chart {
-                title: format!("{}: {model}, test accuracy by epoch", experiment.section.name),
-                x_label: "local epoch".into(),
-                y_label: "test accuracy (mean of participants' models)".into(),
-                log_x: false,
-                series,
-            },
-            format!(
-                "Test accuracy of the {model} after each evaluated epoch: the mean over participants of their local models (solid), and the standalone mean (dashed) and the centralized model (dotted)."
-            ),
-        ));
     }
-
-    for (key, log_x) in SWEEP_KEYS {
-        for model in &models {
-            let cells: Vec<&CellSettings> = done
+    let done = |cell: &&CellSettings| {
+        cell.method == Method::Collaborative && results.contains_key(&cell.id())
+    };
+    let name = &experiment.section.name;
+    let several_grids = experiment.grids.len() > 1;
+    let mut charts: Vec<(String, Chart, String)> = Vec::new();
+    for (number, grid) in experiment.grids.iter().enumerate() {
+        let members: Vec<&CellSettings> = grid
+            .iter()
+            .map(|&i| &experiment.cells[i])
+            .filter(done)
+            .collect();
+        let models: BTreeSet<&str> = members.iter().map(|c| c.model.name()).collect();
+        for model in models {
+            let cells: Vec<&CellSettings> = members
                 .iter()
                 .copied()
-                .filter(|c| c.model.name() == *model && !settings_map(c)[key].is_null())
+                .filter(|c| c.model.name() == model)
                 .collect();
-            let values: BTreeSet<String> = cells
-                .iter()
-                .map(|c| settings_map(c)[key].to_string())
-                .collect();
-            if values.len() < 2 {
+            if several_grids && cells.len() < 2 {
                 continue;
             }
-            let others: Vec<String> = varying_keys(&cells)
-                .into_iter()
-                .filter(|k| k != key)
-                .collect();
-            let mut groups: BTreeMap<String, Vec<&CellSettings>> = BTreeMap::new();
-            for cell in &cells {
-                let name = if others.is_empty() {
-                    "collaborative".to_string()
-                } else {
-                    label(cell, &others)
-                };
-                groups.entry(name).or_default().push(cell);
-            }
-            let x_of = |cell: &CellSettings| settings_map(cell)[key].as_f64().unwrap_or(f64::NAN);
-            let mut series = Vec::new();
-            // Name, points and colour of each distinct reference line.
-            let mut reference_lines: Vec<ReferenceLine> = Vec::new();
-            for (n, (name, mut members)) in groups.into_iter().enumerate() {
-                members.sort_by(|a, b| x_of(a).total_cmp(&x_of(b)));
-                series.push(Series {
-                    label: name.clone(),
-                    points: members
-                        .iter()
-                        .map(|c| (x_of(c), results[&c.id()].accuracy))
-                        .collect(),
-                    line: Line::Solid,
-                    colour: n,
-                    markers: true,
-                });
-                for method in [Method::Standalone, Method::Centralized] {
-                    let points: Vec<(f64, f64)> = members
-                        .iter()
-                        .filter_map(|c| {
-                            Some((x_of(c), results.get(&c.reference(method).id())?.accuracy))
-                        })
-                        .collect();
-                    if points.is_empty() || reference_lines.iter().any(|line| line.2 == points) {
-                        continue;
-                    }
-                    reference_lines.push((method, name.clone(), points, n));
-                }
-            }
-            let several = reference_lines.len() > 2;
-            for (method, group, points, colour) in reference_lines {
-                series.push(Series {
-                    label: if several {
-                        format!("{} ({group})", method.name())
-                    } else {
-                        method.name().to_string()
-                    },
-                    points,
-                    line: reference_line(method),
-                    colour: if several { colour } else { 7 },
-                    markers: false,
-                });
-            }
+            let keys = varying_keys(&cells);
+            let suffix = if several_grids {
+                format!("-grid{}", number + 1)
+            } else {
+                String::new()
+            };
+            let about = if keys.is_empty() {
+                String::new()
+            } else {
+                format!(" by {}", keys.join(", "))
+            };
             charts.push((
-                format!("accuracy-vs-{}-{model}", key.replace('_', "-")),
-                Chart {
-                    title: format!("{}: {model}, final accuracy against {key}", experiment.section.name),
-                    x_label: key.into(),
-                    y_label: "test accuracy of the final global model".into(),
-                    log_x,
-                    series,
-                },
+                format!("accuracy-vs-epochs-{model}{suffix}"),
+                epochs_chart(format!("{name}: {model}{about}, accuracy by epoch"), &cells, &keys, results),
                 format!(
-                    "Final test accuracy of the global {model} model against {key} (solid, one line per combination of the other settings), with the standalone mean (dashed) and the centralized model (dotted) of the same training settings."
+                    "Test accuracy of the {model} after each evaluated epoch{about}: the mean over participants of their local models (solid), with the standalone mean (dashed) and the centralized model (dotted)."
                 ),
             ));
+            for (key, log_x) in SWEEP_KEYS {
+                if !keys.iter().any(|k| k == key) {
+                    continue;
+                }
+                let swept: Vec<&CellSettings> = cells
+                    .iter()
+                    .copied()
+                    .filter(|c| !settings_map(c)[key].is_null())
+                    .collect();
+                let others: Vec<String> = varying_keys(&swept)
+                    .into_iter()
+                    .filter(|k| k != key)
+                    .collect();
+                charts.push((
+                    format!("accuracy-vs-{}-{model}{suffix}", key.replace('_', "-")),
+                    sweep_chart(format!("{name}: {model}, final accuracy against {key}"), key, log_x, &swept, &others, results),
+                    format!(
+                        "Final test accuracy of the global {model} model against {key} (solid), with the standalone mean (dashed) and the centralized model (dotted) of the same training settings."
+                    ),
+                ));
+            }
         }
+    }
+    for (number, spec) in experiment.plots.iter().enumerate() {
+        let cells: Vec<&CellSettings> = experiment
+            .cells
+            .iter()
+            .filter(done)
+            .filter(|c| matches(c, &spec.filter))
+            .collect();
+        if cells.is_empty() {
+            continue;
+        }
+        let keys = match &spec.series {
+            Some(keys) => keys.clone(),
+            None => varying_keys(&cells)
+                .into_iter()
+                .filter(|k| *k != spec.x)
+                .collect(),
+        };
+        let title = spec
+            .title
+            .clone()
+            .unwrap_or_else(|| format!("{name}: accuracy against {}", spec.x));
+        let stem = format!(
+            "plot{}-accuracy-vs-{}",
+            number + 1,
+            spec.x.replace('_', "-")
+        );
+        let chart = if spec.x == "epoch" {
+            epochs_chart(title.clone(), &cells, &keys, results)
+        } else {
+            let swept: Vec<&CellSettings> = cells
+                .iter()
+                .copied()
+                .filter(|c| !settings_map(c)[spec.x.as_str()].is_null())
+                .collect();
+            sweep_chart(
+                title.clone(),
+                &spec.x,
+                log_axis(&spec.x),
+                &swept,
+                &keys,
+                results,
+            )
+        };
+        charts.push((stem, chart, format!("{title} (solid), with the standalone mean (dashed) and the centralized model (dotted).")));
     }
 
     for (stem, chart, caption) in charts {
@@ -658,7 +747,14 @@ fn markdown(
         let mut rows = Vec::new();
         for cell in &collaborative {
             let map = settings_map(cell);
-            let mut row: Vec<String> = keys.iter().map(|k| show(&map[k.as_str()])).collect();
+            let mut row: Vec<String> = keys
+                .iter()
+                .map(|k| match (k.as_str(), &map[k.as_str()]) {
+                    ("dirichlet_alpha", Value::Null) => "iid".to_string(),
+                    ("epsilon" | "epsilon_per_parameter", Value::Null) => "no noise".to_string(),
+                    (_, value) => show(value),
+                })
+                .collect();
             let id = cell.id();
             let (standalone, centralized) = references(cell, results);
             match results.get(&id) {

@@ -192,7 +192,7 @@ fn csv(path: &Path) -> (Vec<String>, Vec<BTreeMap<String, String>>) {
 }
 
 #[test]
-fn the_small_configuration_resumes_after_an_interruption_and_reports_every_cell() {
+fn small_grid_resumes_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("out");
 
@@ -319,7 +319,7 @@ fn the_small_configuration_resumes_after_an_interruption_and_reports_every_cell(
 }
 
 #[test]
-fn a_bad_configuration_names_the_cell_and_the_value_and_runs_nothing() {
+fn bad_grid_value_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(
@@ -334,4 +334,25 @@ fn a_bad_configuration_names_the_cell_and_the_value_and_runs_nothing() {
     assert!(message.contains("theta_u = 2.0"), "{message}");
     assert!(message.contains("invalid theta-u 2"), "{message}");
     assert!(results(&output).is_empty());
+}
+
+#[test]
+fn shipped_configurations_expand() {
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<PathBuf> = std::fs::read_dir(workspace_root().join("experiments"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    assert!(configs.len() >= 5, "{configs:?}");
+    for config in configs {
+        let output = dir.path().join(config.file_stem().unwrap());
+        let planned = run(&config, &output, &["--dry-run"]);
+        assert!(planned.success, "{}: {}", config.display(), text(&planned));
+        assert!(
+            text(&planned).contains(" to run; output in "),
+            "{}",
+            text(&planned)
+        );
+    }
 }
