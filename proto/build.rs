@@ -1,7 +1,7 @@
 //! Compiles `dssgd/v1/dssgd.proto` with protox, a pure-Rust protobuf
 //! compiler, so building needs no `protoc` on the machine. It also writes
 //! the encoded file descriptor set, which the server's reflection service
-//! publishes.
+//! publishes, and compiles the benchmarks' `dssgd/bench/v1/baseline.proto`.
 
 use prost::Message;
 
@@ -15,5 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure().compile_fds(descriptors)?;
+
+    // The benchmarks' reference services, kept out of the descriptor set
+    // that the server publishes.
+    let baseline = "dssgd/bench/v1/baseline.proto";
+    println!("cargo:rerun-if-changed={baseline}");
+    tonic_prost_build::configure().compile_fds(protox::compile([baseline], ["."])?)?;
     Ok(())
 }

@@ -586,6 +586,12 @@ impl SharingArgs {
         if let Some(epsilon) = self.epsilon_per_parameter {
             check_positive("epsilon-per-parameter", epsilon)?;
         }
+        if let (Some(epsilon), Some(per_parameter)) = (self.epsilon, self.epsilon_per_parameter) {
+            bail!(
+                "--epsilon {epsilon} and --epsilon-per-parameter {per_parameter} both set the \
+                 spend of an upload: give only one"
+            );
+        }
         let private = self.epsilon.is_some() || self.epsilon_per_parameter.is_some();
         if let Some(budget) = self.privacy_budget {
             check_positive("privacy-budget", budget)?;
@@ -893,6 +899,7 @@ pub(crate) fn train_baseline(
         training.eval_every,
         |record| {
             info!(run = %name, epoch = record.epoch, loss = record.loss, "epoch done");
+            std::ops::ControlFlow::Continue(())
         },
     )?;
     let final_accuracy = epochs.last().and_then(|r| r.accuracy).unwrap_or(f64::NAN);

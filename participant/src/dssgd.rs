@@ -487,12 +487,13 @@ fn apply_download(
 }
 
 /// Trains `model` alone on `train` for `epochs` epochs (the standalone and
-/// centralized baselines), evaluating every `eval_every` epochs.
+/// centralized baselines), evaluating every `eval_every` epochs. Stops
+/// early, returning the epochs so far, when `on_epoch` breaks.
 pub fn train_alone<R: Rng>(
     participant: &mut Participant<'_, R>,
     epochs: usize,
     eval_every: usize,
-    mut on_epoch: impl FnMut(&EpochRecord),
+    mut on_epoch: impl FnMut(&EpochRecord) -> std::ops::ControlFlow<()>,
 ) -> Result<Vec<EpochRecord>, TrainError> {
     let mut records = Vec::with_capacity(epochs);
     for epoch in 1..=epochs {
@@ -517,8 +518,11 @@ pub fn train_alone<R: Rng>(
             epsilon_total: None,
             privacy_seconds: None,
         };
-        on_epoch(&record);
+        let flow = on_epoch(&record);
         records.push(record);
+        if flow.is_break() {
+            break;
+        }
     }
     Ok(records)
 }

@@ -308,8 +308,11 @@ impl CellSettings {
         self.training(Path::new("."), DeviceChoice::Cpu)
             .validate()?;
         self.sharing().validate()?;
-        if self.method == Method::Standalone && self.standalone_sample == 0 {
+        if self.standalone_sample == 0 {
             bail!("invalid standalone_sample 0: expected at least 1 shard");
+        }
+        if self.eval_every == 0 {
+            bail!("invalid eval_every 0: expected at least 1 epoch");
         }
         Ok(())
     }
@@ -424,6 +427,85 @@ pub struct PlotSpec {
     pub title: Option<String>,
 }
 
+/// Type a setting takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A whole number at least 0.
+    Count,
+    /// A whole number, possibly negative.
+    Integer,
+    /// A finite number.
+    Number,
+    /// A name.
+    Text,
+}
+
+/// The type of every setting, in the order the README lists them.
+const SETTINGS: [(&str, Kind); 23] = [
+    ("dataset", Kind::Text),
+    ("model", Kind::Text),
+    ("participants", Kind::Count),
+    ("shard_fraction", Kind::Number),
+    ("dirichlet_alpha", Kind::Number),
+    ("method", Kind::Text),
+    ("ordering", Kind::Text),
+    ("theta_u", Kind::Number),
+    ("theta_d", Kind::Number),
+    ("gamma", Kind::Number),
+    ("tau", Kind::Number),
+    ("selection", Kind::Text),
+    ("epsilon", Kind::Number),
+    ("epsilon_per_parameter", Kind::Number),
+    ("epochs", Kind::Count),
+    ("lr", Kind::Number),
+    ("lr_decay", Kind::Number),
+    ("batch_size", Kind::Count),
+    ("momentum", Kind::Number),
+    ("eval_every", Kind::Count),
+    ("seed", Kind::Count),
+    ("init_seed", Kind::Integer),
+    ("standalone_sample", Kind::Count),
+];
+
+/// Checks that `key` is a setting and `value` has its type, naming both.
+fn check_setting(key: &str, value: &toml::Value) -> anyhow::Result<()> {
+    let Some(&(_, kind)) = SETTINGS.iter().find(|(name, _)| *name == key) else {
+        let names: Vec<&str> = SETTINGS.iter().map(|(name, _)| *name).collect();
+        bail!(
+            "unknown setting {key:?}: expected one of {}",
+            names.join(", ")
+        );
+    };
+    match (kind, value) {
+        (Kind::Count, toml::Value::Integer(n)) if *n >= 0 => Ok(()),
+        (Kind::Count, other) => bail!("invalid {key} {other}: expected a whole number, at least 0"),
+        (Kind::Integer, toml::Value::Integer(_)) => Ok(()),
+        (Kind::Integer, other) => bail!("invalid {key} {other}: expected a whole number"),
+        (Kind::Number, toml::Value::Integer(_)) => Ok(()),
+        (Kind::Number, toml::Value::Float(x)) if x.is_finite() => Ok(()),
+        (Kind::Number, other) => bail!("invalid {key} {other}: expected a finite number"),
+        (Kind::Text, toml::Value::String(_)) => Ok(()),
+        (Kind::Text, other) => bail!("invalid {key} {other}: expected a name in quotes"),
+    }
+}
+
+/// Checks that an experiment name can serve as a folder name under runs/.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid {
+        bail!(
+            "invalid name {name:?}: expected 1 to 64 letters, digits, '-', '_' or '.', not \
+             starting with '.', because the default output folder is runs/NAME"
+        );
+    }
+    Ok(())
+}
+
 fn to_json(value: &toml::Value) -> Value {
     serde_json::to_value(value).expect("TOML values convert to JSON")
 }
@@ -432,6 +514,7 @@ fn to_json(value: &toml::Value) -> Value {
 pub fn parse(text: &str, origin: &str) -> anyhow::Result<Experiment> {
     let file: ConfigFile =
         toml::from_str(text).with_context(|| format!("invalid experiment file {origin}"))?;
+    check_name(&file.experiment.name).with_context(|| format!("{origin}: [experiment]"))?;
     let mut base = defaults();
     for (key, value) in &file.base {
         if value.is_array() {
@@ -439,7 +522,20 @@ pub fn parse(text: &str, origin: &str) -> anyhow::Result<Experiment> {
                 "{origin}: [base] {key} is a list; lists are grid axes, so put {key} under a [[grid]] table"
             );
         }
+        check_setting(key, value).with_context(|| format!("{origin}: [base]"))?;
         base.insert(key.clone(), to_json(value));
+    }
+    for (number, grid) in file.grid.iter().enumerate() {
+        for (key, value) in grid {
+            let values = match value {
+                toml::Value::Array(values) => values.iter().collect(),
+                other => vec![other],
+            };
+            for value in values {
+                check_setting(key, value)
+                    .with_context(|| format!("{origin}: grid {}", number + 1))?;
+            }
+        }
     }
     let grids = if file.grid.is_empty() {
         vec![toml::Table::new()]
@@ -675,6 +771,15 @@ fn run_collaborative_cell(
         };
         progress(fraction, &p.message);
     })?;
+    // The cell's certificates were made for this one run; its private keys
+    // are of no further use and should not linger on disk.
+    if let Ok(entries) = std::fs::read_dir(run_dir.join("tls")) {
+        for entry in entries.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "key") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
     let metrics = run_dir.join("metrics");
     let mut curves = Vec::new();
     for index in 0..cell.participants {
@@ -817,6 +922,11 @@ fn run_reference_cell(
                                 training.eval_every,
                                 |_| {
                                     done.fetch_add(1, AtomicOrdering::Relaxed);
+                                    if stop.load(AtomicOrdering::Relaxed) {
+                                        std::ops::ControlFlow::Break(())
+                                    } else {
+                                        std::ops::ControlFlow::Continue(())
+                                    }
                                 },
                             )?;
                             let curve: Vec<(usize, f64)> = records
@@ -881,6 +991,53 @@ fn bar_style(template: &str) -> ProgressStyle {
         .progress_chars("=> ")
 }
 
+/// Holds the output folder for this runner: a second runner on the same
+/// folder would clear the cells this one is running.
+fn lock_output(root: &Path) -> anyhow::Result<std::fs::File> {
+    let path = root.join("runner.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    if file.try_lock().is_err() {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "the output folder {} is in use by another experiment runner (pid {}); wait for it to \
+             finish or stop it, or pass another --output",
+            root.display(),
+            holder.trim()
+        );
+    }
+    file.set_len(0)
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    let mut writer = &file;
+    std::io::Write::write_all(&mut writer, format!("{}\n", std::process::id()).as_bytes())
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(file)
+}
+
+/// Returns the settings of `cell` that differ from the defaults, in one
+/// line.
+fn describe(cell: &CellSettings) -> String {
+    let defaults = defaults();
+    let map = match serde_json::to_value(cell).expect("settings serialize") {
+        Value::Object(map) => map,
+        _ => unreachable!("settings are an object"),
+    };
+    map.iter()
+        .filter(|(key, value)| {
+            key.as_str() != "method"
+                && !value.is_null()
+                && defaults.get(key.as_str()) != Some(value)
+        })
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// This process's command line, with the program named by its file name.
 fn invocation() -> String {
     let mut words: Vec<String> = std::env::args().collect();
@@ -909,10 +1066,54 @@ pub fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&experiment.section.name));
     let layout = Layout { root: root.clone() };
+    if args.report_only {
+        let Ok(recorded) = std::fs::read_to_string(root.join("experiment.toml")) else {
+            bail!(
+                "{} holds no experiment: run it first without --report-only",
+                root.display()
+            );
+        };
+        let name = parse(&recorded, "the recorded file")
+            .map(|e| e.section.name)
+            .ok();
+        if name.as_deref() != Some(experiment.section.name.as_str()) {
+            bail!(
+                "{} holds another experiment than {} (its experiment.toml names another): pass \
+                 the configuration that ran there",
+                root.display(),
+                args.config.display()
+            );
+        }
+    }
+    if args.dry_run {
+        let mut finished = 0;
+        for cell in &experiment.cells {
+            let state = if load_result(&layout, cell)?.is_some() {
+                finished += 1;
+                "done"
+            } else if layout.failure(&cell.id()).exists() {
+                "failed, to run again"
+            } else {
+                "to run"
+            };
+            println!("{:<32} {state:<8} {}", cell.id(), describe(cell));
+        }
+        println!(
+            "{} cells, {finished} finished, {} to run; output in {}",
+            experiment.cells.len(),
+            experiment.cells.len() - finished,
+            root.display()
+        );
+        return Ok(());
+    }
     std::fs::create_dir_all(root.join("cells"))
         .with_context(|| format!("failed to create {}", root.display()))?;
-    std::fs::write(root.join("experiment.toml"), &text)
-        .with_context(|| format!("failed to write {}", root.join("experiment.toml").display()))?;
+    let _lock = lock_output(&root)?;
+    if !args.report_only {
+        std::fs::write(root.join("experiment.toml"), &text).with_context(|| {
+            format!("failed to write {}", root.join("experiment.toml").display())
+        })?;
+    }
     let effective: Vec<Value> = experiment
         .cells
         .iter()
@@ -934,24 +1135,6 @@ pub fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|cell| !results.contains_key(&cell.id()))
         .collect();
-    if args.dry_run {
-        for cell in &experiment.cells {
-            let state = if results.contains_key(&cell.id()) {
-                "done"
-            } else {
-                "to run"
-            };
-            println!("{:<32} {state}", cell.id());
-        }
-        println!(
-            "{} cells, {} finished, {} to run; output in {}",
-            experiment.cells.len(),
-            results.len(),
-            pending.len(),
-            root.display()
-        );
-        return Ok(());
-    }
     // The report names the command that ran the cells; --report-only keeps
     // the one recorded by the last run.
     let recorded = root.join("command.txt");
@@ -984,7 +1167,15 @@ pub fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
             continue;
         }
         let dir = args.data_dir(cell);
-        kind.ensure(dir, !args.no_download)?;
+        kind.ensure(dir, !args.no_download).with_context(|| {
+            format!(
+                "the {} cells need the {} files in {}: the runner downloads them unless \
+                 --no-download is given, or point --data-dir (MNIST) or --svhn-dir (SVHN) at them",
+                kind.name(),
+                kind.name(),
+                dir.display()
+            )
+        })?;
         if pending
             .iter()
             .any(|c| c.method != Method::Collaborative && c.dataset == cell.dataset)
@@ -1110,7 +1301,7 @@ pub fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
     }
     if !failures.is_empty() {
         bail!(
-            "{} cells failed (their errors are in {}/cells/ID/error.txt); running the same command again retries them",
+            "{} cell(s) failed (their errors are in {}/cells/ID/error.txt); running the same command again retries them",
             failures.len(),
             root.display()
         );
@@ -1213,6 +1404,57 @@ theta_u = 0.1
         let bad = "[experiment]\nname = \"t\"\n[base]\ndataset = \"svhn\"\nmodel = \"cnn\"\n";
         let error = format!("{:#}", parse(bad, "x.toml").unwrap_err());
         assert!(error.contains("svhn") && error.contains("cnn"), "{error}");
+    }
+
+    #[test]
+    fn setting_types_are_checked_by_name() {
+        let cases = [
+            (
+                "[base]\ntheta_u = \"0.1\"\n",
+                "invalid theta_u \"0.1\": expected a finite number",
+            ),
+            (
+                "[base]\nepochs = 2.5\n",
+                "invalid epochs 2.5: expected a whole number",
+            ),
+            (
+                "[base]\nseed = -5\n",
+                "invalid seed -5: expected a whole number, at least 0",
+            ),
+            ("[base]\nlrate = 0.1\n", "[base]: unknown setting \"lrate\""),
+            (
+                "[[grid]]\ndirichlet_alpha = [nan]\n",
+                "grid 1: invalid dirichlet_alpha nan",
+            ),
+            (
+                "[[grid]]\ndirichlet_alpha = [inf]\n",
+                "invalid dirichlet_alpha inf",
+            ),
+            (
+                "[base]\nstandalone_sample = 0\n",
+                "invalid standalone_sample 0",
+            ),
+            ("[base]\neval_every = 0\n", "invalid eval_every 0"),
+            (
+                "[base]\nepsilon = 1.0\nepsilon_per_parameter = 1.0\n",
+                "both set the spend of an upload",
+            ),
+        ];
+        for (body, expected) in cases {
+            let text = format!("[experiment]\nname = \"t\"\n{body}");
+            let error = format!("{:#}", parse(&text, "x.toml").unwrap_err());
+            assert!(error.contains(expected), "{body}: {error}");
+        }
+    }
+
+    #[test]
+    fn experiment_names_are_folder_names() {
+        for name in ["../../etc", "/tmp/abs", "a/b c", "", ".hidden"] {
+            let text = format!("[experiment]\nname = {name:?}\n");
+            let error = format!("{:#}", parse(&text, "x.toml").unwrap_err());
+            assert!(error.contains("invalid name"), "{name}: {error}");
+        }
+        assert!(parse("[experiment]\nname = \"grid-1.v2_a\"\n", "x.toml").is_ok());
     }
 
     #[test]

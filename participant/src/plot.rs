@@ -61,6 +61,8 @@ pub struct Series {
     pub colour: usize,
     /// Mark each point with a dot.
     pub markers: bool,
+    /// Give the series an entry in the legend.
+    pub legend: bool,
 }
 
 /// A line chart.
@@ -74,6 +76,8 @@ pub struct Chart {
     pub y_label: String,
     /// Use a logarithmic x axis (every x must be positive).
     pub log_x: bool,
+    /// Label the x axis with whole numbers only.
+    pub integer_x: bool,
     /// The lines.
     pub series: Vec<Series>,
 }
@@ -212,7 +216,14 @@ where
         .y_label_area_size(58)
         .build_cartesian_2d(x, y)
         .map_err(fail)?;
-    let ticks = |value: &f64| crate::metrics::significant(*value, 3).to_string();
+    let integer_x = chart.integer_x;
+    let ticks = move |value: &f64| {
+        if integer_x && value.fract().abs() > 1e-9 {
+            String::new()
+        } else {
+            crate::metrics::significant(*value, 3).to_string()
+        }
+    };
     plot.configure_mesh()
         .x_label_formatter(&ticks)
         .max_light_lines(2)
@@ -238,9 +249,11 @@ where
                 .draw_series(DashedLineSeries::new(points, 3, 4, style))
                 .map_err(fail)?,
         };
-        drawn.label(&series.label).legend(move |(x, y)| {
-            PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
-        });
+        if series.legend {
+            drawn.label(&series.label).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+            });
+        }
         if series.markers {
             plot.draw_series(
                 series
@@ -272,6 +285,7 @@ mod tests {
             x_label: "theta_u".into(),
             y_label: "test accuracy".into(),
             log_x,
+            integer_x: false,
             series: vec![
                 Series {
                     label: "collaborative".into(),
@@ -279,6 +293,7 @@ mod tests {
                     line: Line::Solid,
                     colour: 0,
                     markers: true,
+                    legend: true,
                 },
                 Series {
                     label: "standalone".into(),
@@ -286,6 +301,7 @@ mod tests {
                     line: Line::Dashed,
                     colour: 1,
                     markers: false,
+                    legend: true,
                 },
             ],
         }

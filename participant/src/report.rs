@@ -300,14 +300,31 @@ fn epochs_chart(
     let mut series: Vec<Series> = cells
         .iter()
         .enumerate()
-        .map(|(n, cell)| Series {
-            label: label(cell, keys),
-            points: curve_points(&results[&cell.id()]),
-            line: Line::Solid,
-            colour: n,
-            markers: false,
+        .map(|(n, cell)| {
+            let points = curve_points(&results[&cell.id()]);
+            Series {
+                label: label(cell, keys),
+                markers: points.len() == 1,
+                points,
+                line: Line::Solid,
+                colour: n,
+                legend: true,
+            }
         })
         .collect();
+    // A dot at the last epoch marks each cell's final global model, which
+    // the tables report; the lines show the local models before it.
+    for (n, cell) in cells.iter().enumerate() {
+        let result = &results[&cell.id()];
+        series.push(Series {
+            label: String::new(),
+            points: vec![(cell.epochs as f64, result.accuracy)],
+            line: Line::Solid,
+            colour: n,
+            markers: true,
+            legend: false,
+        });
+    }
     for method in [Method::Standalone, Method::Centralized] {
         let mut references: Vec<CellSettings> = Vec::new();
         for cell in cells {
@@ -319,24 +336,27 @@ fn epochs_chart(
         let refs: Vec<&CellSettings> = references.iter().collect();
         let distinct = varying_keys(&refs);
         for (n, reference) in refs.iter().enumerate() {
+            let points = curve_points(&results[&reference.id()]);
             series.push(Series {
                 label: if distinct.is_empty() {
                     method.name().to_string()
                 } else {
                     format!("{} ({})", method.name(), label(reference, &distinct))
                 },
-                points: curve_points(&results[&reference.id()]),
+                markers: points.len() == 1,
+                points,
                 line: reference_line(method),
                 colour: if distinct.is_empty() { 7 } else { n },
-                markers: false,
+                legend: true,
             });
         }
     }
     Chart {
         title,
         x_label: "local epoch".into(),
-        y_label: "test accuracy (mean of participants' models)".into(),
+        y_label: "test accuracy (mean of the local models)".into(),
         log_x: false,
+        integer_x: true,
         series,
     }
 }
@@ -371,6 +391,7 @@ fn sweep_chart(
             points,
             line: Line::Solid,
             colour: n,
+            legend: true,
         });
         for method in [Method::Standalone, Method::Centralized] {
             let points: Vec<(f64, f64)> = members
@@ -395,6 +416,7 @@ fn sweep_chart(
             points,
             line: reference_line(method),
             colour: if several { colour } else { 7 },
+            legend: true,
         });
     }
     Chart {
@@ -402,6 +424,7 @@ fn sweep_chart(
         x_label: key.into(),
         y_label: "test accuracy of the final global model".into(),
         log_x,
+        integer_x: false,
         series,
     }
 }
@@ -472,9 +495,6 @@ fn plots(
                 .copied()
                 .filter(|c| c.model.name() == model)
                 .collect();
-            if several_grids && cells.len() < 2 {
-                continue;
-            }
             let keys = varying_keys(&cells);
             let suffix = if several_grids {
                 format!("-grid{}", number + 1)
@@ -490,7 +510,7 @@ fn plots(
                 format!("accuracy-vs-epochs-{model}{suffix}"),
                 epochs_chart(format!("{name}: {model}{about}, accuracy by epoch"), &cells, &keys, results),
                 format!(
-                    "Test accuracy of the {model} after each evaluated epoch{about}: the mean over participants of their local models (solid), with the standalone mean (dashed) and the centralized model (dotted)."
+                    "Test accuracy of the {model} after each evaluated epoch{about}: the mean over participants of their local models before the next download (solid), with the standalone mean (dashed) and the centralized model (dotted). The dot at the last epoch is the final global model, as in the tables."
                 ),
             ));
             for (key, log_x) in SWEEP_KEYS {
@@ -523,7 +543,15 @@ fn plots(
             .filter(done)
             .filter(|c| matches(c, &spec.filter))
             .collect();
+        let stem = format!(
+            "plot{}-accuracy-vs-{}",
+            number + 1,
+            spec.x.replace('_', "-")
+        );
         if cells.is_empty() {
+            errors.push(format!(
+                "{stem}: no finished collaborative cell matches its where table"
+            ));
             continue;
         }
         let keys = match &spec.series {
@@ -537,11 +565,6 @@ fn plots(
             .title
             .clone()
             .unwrap_or_else(|| format!("{name}: accuracy against {}", spec.x));
-        let stem = format!(
-            "plot{}-accuracy-vs-{}",
-            number + 1,
-            spec.x.replace('_', "-")
-        );
         let chart = if spec.x == "epoch" {
             epochs_chart(title.clone(), &cells, &keys, results)
         } else {
@@ -904,7 +927,7 @@ fn markdown(
         let peak = memory.iter().map(|m| m.1).max().unwrap_or(0);
         let _ = writeln!(
             text,
-            "## Processes and memory\n\nEach participant process hosted {} participants, each with its own model, shard and gRPC connection. The largest peak resident memory of a participant process divided by the participants it hosted was {:.0} MiB.\n",
+            "## Processes and memory\n\nEach participant process hosted {} participant(s), each with its own model, shard and gRPC connection. The largest peak resident memory of a participant process divided by the participants it hosted was {:.0} MiB.\n",
             hosting.join(" or "),
             peak as f64 / (1 << 20) as f64
         );

@@ -568,8 +568,7 @@ fn wait_with_progress(
 
 /// The flag that SIGINT and SIGTERM set, installed once per process. A
 /// caller that sees it set returns an error, and dropping the process
-/// guards stops every child, the server included. A second signal ends the
-/// process at once.
+/// guards stops every child, the server included.
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
     if let Some(flag) = FLAG.get() {
@@ -577,9 +576,6 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     }
     let flag = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM] {
-        // A second signal, once the flag is set, ends the process at once.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&flag))
-            .context("failed to install the signal handler")?;
         signal_hook::flag::register(signal, Arc::clone(&flag))
             .context("failed to install the signal handler")?;
     }
@@ -649,7 +645,7 @@ fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::
         wall_seconds: elapsed.as_secs_f64(),
         privacy,
         stopped_early,
-        participants_per_process: args.per_process(),
+        participants_per_process: args.per_process().min(args.training.participants),
         peak_rss_per_participant_bytes: peak_per_participant,
         config: args.clone(),
     })

@@ -14,3 +14,12 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/dssgd_descriptor.bin"));
 }
+
+/// Reference services of the transport benchmarks (package
+/// `dssgd.bench.v1`), which move bytes and do nothing else.
+pub mod bench {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("dssgd.bench.v1");
+    }
+}

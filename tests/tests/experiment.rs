@@ -293,7 +293,12 @@ fn small_grid_resumes_and_reports() {
     }
     assert_eq!(report.matches("| **0.").count(), 3, "{report}");
     assert!(!report.contains("Plot not drawn"), "{report}");
-    for stem in ["accuracy-vs-epochs-mlp", "accuracy-vs-theta-u-mlp"] {
+    for stem in [
+        "accuracy-vs-epochs-mlp-grid1",
+        "accuracy-vs-theta-u-mlp-grid1",
+        "accuracy-vs-epochs-mlp-grid2",
+        "plot1-accuracy-vs-epoch",
+    ] {
         assert!(report.contains(&format!("plots/{stem}.png")), "{report}");
         let png = std::fs::read(output.join(format!("plots/{stem}.png"))).unwrap();
         assert_eq!(&png[1..4], b"PNG");

@@ -1,0 +1,636 @@
+//! Transport benchmarks: each figure of the parameter server next to a
+//! reference measured in the same run, on loopback.
+//!
+//! Run: `cargo bench -p dssgd-server --bench transport`. It prints one
+//! Markdown row per figure: the server's value, the reference's, their
+//! ratio and the target. The references are a bare tonic service in this
+//! workspace (`dssgd.bench.v1.Baseline`, which receives or returns the same
+//! bytes and does nothing else) and raw TCP sockets. The server keeps its
+//! state in memory here; `durable_upload` measures the durable store.
+//!
+//! - sparse ingest: `UploadGradients` at theta_u 0.1 of the MLP's 109,386
+//!   parameters from 8 concurrent clients, in applied parameters per
+//!   second, against the bare service receiving messages of the same size;
+//! - bulk transfer: a dense `DownloadParameters` and a dense upload of
+//!   1,048,576 parameters (4 MiB), against raw TCP moving the same bytes;
+//! - small-call latency: the median of a one-parameter upload at
+//!   concurrency 1, against the median TCP round trip of one byte;
+//! - server logic overhead: one-parameter uploads per second at
+//!   concurrency 64, against the bare service echoing a message of the
+//!   same size;
+//! - wire efficiency: bytes that cross the socket per uploaded parameter,
+//!   counted by a relay between client and server, against the 4 bytes of
+//!   an f32 value.
+//!
+//! Every figure is the median of `DSSGD_BENCH_REPEATS` runs (default 5).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
+
+use dssgd_common::select::fraction_count;
+use dssgd_common::sparse::{encode_indices, encode_values};
+use dssgd_proto::bench::v1 as bench;
+use dssgd_proto::bench::v1::baseline_client::BaselineClient;
+use dssgd_proto::bench::v1::baseline_server::{Baseline, BaselineServer};
+use dssgd_proto::v1 as pb;
+use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
+use dssgd_server::store::ModelInfo;
+use dssgd_server::{ServerConfig, Store};
+use prost::Message;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Parameters of the MLP.
+const MLP: usize = 109_386;
+/// Parameters of the bulk-transfer model: 4 MiB of f32.
+const BULK: usize = 1 << 20;
+const GAMMA: f64 = 0.01;
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// The bare reference service.
+struct Bare;
+
+#[tonic::async_trait]
+impl Baseline for Bare {
+    async fn receive(&self, request: Request<bench::Blob>) -> Result<Response<bench::Ack>, Status> {
+        let length = request.into_inner().data.len() as u64;
+        Ok(Response::new(bench::Ack { length }))
+    }
+
+    async fn echo(&self, request: Request<bench::Blob>) -> Result<Response<bench::Blob>, Status> {
+        Ok(Response::new(request.into_inner()))
+    }
+
+    async fn send(
+        &self,
+        request: Request<bench::SizeRequest>,
+    ) -> Result<Response<bench::Blob>, Status> {
+        let length = request.into_inner().length as usize;
+        Ok(Response::new(bench::Blob {
+            data: vec![0u8; length],
+        }))
+    }
+}
+
+fn repeats() -> usize {
+    std::env::var("DSSGD_BENCH_REPEATS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(5)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn model(n: usize) -> ModelInfo {
+    ModelInfo {
+        name: "mlp".into(),
+        parameter_count: n as u64,
+        layout_hash: "bench".into(),
+    }
+}
+
+/// Starts the parameter server on loopback with `participants` joined to
+/// a model of `n` parameters; returns its address.
+async fn start_server(n: usize, participants: usize) -> String {
+    let store = Arc::new(Store::new());
+    for participant in 0..participants {
+        store
+            .join(&format!("p{participant}"), &model(n), Some(vec![0.0; n]))
+            .expect("joining the bench model succeeds");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("loopback binds");
+    let address = format!("http://{}", listener.local_addr().expect("bound"));
+    tokio::spawn(dssgd_server::run(
+        ServerConfig::default(),
+        store,
+        listener,
+        std::future::pending::<()>(),
+    ));
+    address
+}
+
+/// Starts the bare service on loopback; returns its address.
+async fn start_bare() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("loopback binds");
+    let address = format!("http://{}", listener.local_addr().expect("bound"));
+    let service = BaselineServer::new(Bare)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    address
+}
+
+async fn channel(address: &str) -> Channel {
+    Channel::from_shared(address.to_string())
+        .expect("valid address")
+        .connect()
+        .await
+        .expect("the bench server accepts connections")
+}
+
+fn ours(channel: Channel) -> ParameterServerClient<Channel> {
+    ParameterServerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+fn bare(channel: Channel) -> BaselineClient<Channel> {
+    BaselineClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// A sparse upload of `count` random changes out of `n`.
+fn upload(
+    rng: &mut ChaCha8Rng,
+    participant: usize,
+    id: u64,
+    n: usize,
+    count: usize,
+) -> pb::UploadRequest {
+    let mut indices: Vec<u32> = sample(rng, n, count)
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    indices.sort_unstable();
+    let values: Vec<f32> = indices
+        .iter()
+        .map(|_| rng.random_range(-GAMMA as f32..GAMMA as f32))
+        .collect();
+    pb::UploadRequest {
+        participant_id: format!("p{participant}"),
+        upload_id: id,
+        base_version: 0,
+        layout_hash: "bench".into(),
+        gamma: GAMMA,
+        theta_u: (count as f64 / n as f64).min(1.0),
+        changes: Some(pb::SparseSlice {
+            indices: encode_indices(&indices),
+            values: encode_values(&values),
+            dense: false,
+        }),
+        turn_token: String::new(),
+        epsilon: 0.0,
+    }
+}
+
+/// A dense upload of every parameter of a model of `n`.
+fn dense_upload(participant: usize, id: u64, n: usize) -> pb::UploadRequest {
+    let values = vec![0.001f32; n];
+    pb::UploadRequest {
+        participant_id: format!("p{participant}"),
+        upload_id: id,
+        base_version: 0,
+        layout_hash: "bench".into(),
+        gamma: GAMMA,
+        theta_u: 1.0,
+        changes: Some(pb::SparseSlice {
+            indices: Vec::new(),
+            values: encode_values(&values),
+            dense: true,
+        }),
+        turn_token: String::new(),
+        epsilon: 0.0,
+    }
+}
+
+/// One row of the output table.
+fn row(figure: &str, unit: &str, ours: f64, reference: f64, ratio: f64, target: &str) {
+    let verdict = match target.split_once(' ') {
+        Some((">=", bound)) => ratio >= bound.parse::<f64>().unwrap_or(f64::NAN),
+        Some(("<=", bound)) => ratio <= bound.parse::<f64>().unwrap_or(f64::NAN),
+        _ => false,
+    };
+    println!(
+        "| {figure} | {ours:.4e} {unit} | {reference:.4e} {unit} | {ratio:.3} | {target} | {} |",
+        if verdict { "met" } else { "missed" }
+    );
+}
+
+/// Sparse ingest: applied parameters per second.
+async fn sparse_ingest(repeats: usize) {
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 100;
+    let count = fraction_count(0.1, MLP);
+    let server = start_server(MLP, CLIENTS).await;
+    let baseline = start_bare().await;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut next_id = 1u64;
+    let (mut ours_rates, mut bare_rates) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let batches: Vec<Vec<pb::UploadRequest>> = (0..CLIENTS)
+            .map(|client| {
+                (0..PER_CLIENT)
+                    .map(|k| upload(&mut rng, client, next_id + k as u64, MLP, count))
+                    .collect()
+            })
+            .collect();
+        next_id += PER_CLIENT as u64;
+        let size = batches[0][0].encoded_len();
+        let started = Instant::now();
+        let tasks: Vec<_> = batches
+            .into_iter()
+            .map(|batch| {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let mut client = ours(channel(&server).await);
+                    for request in batch {
+                        client
+                            .upload_gradients(request)
+                            .await
+                            .expect("the upload is applied");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("the client task finishes");
+        }
+        ours_rates.push((CLIENTS * PER_CLIENT * count) as f64 / started.elapsed().as_secs_f64());
+
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let baseline = baseline.clone();
+                tokio::spawn(async move {
+                    let mut client = bare(channel(&baseline).await);
+                    for _ in 0..PER_CLIENT {
+                        let blob = bench::Blob {
+                            data: vec![7u8; size],
+                        };
+                        client.receive(blob).await.expect("the blob is received");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("the client task finishes");
+        }
+        bare_rates.push((CLIENTS * PER_CLIENT * count) as f64 / started.elapsed().as_secs_f64());
+    }
+    let (ours_rate, bare_rate) = (median(ours_rates), median(bare_rates));
+    row(
+        "1. sparse ingest, theta_u 0.1 of 109,386, 8 clients",
+        "params/s",
+        ours_rate,
+        bare_rate,
+        ours_rate / bare_rate,
+        ">= 0.7",
+    );
+}
+
+/// Raw TCP: a server that answers each one-byte request with `reply`
+/// bytes, or reads `expect` bytes and answers one byte.
+async fn start_raw(reply: usize, expect: usize) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("loopback binds");
+    let address = listener.local_addr().expect("bound");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            socket.set_nodelay(true).expect("nodelay");
+            tokio::spawn(async move {
+                let payload = vec![3u8; reply];
+                let mut incoming = vec![0u8; expect.max(1)];
+                loop {
+                    if socket.read_exact(&mut incoming).await.is_err() {
+                        return;
+                    }
+                    let answer: &[u8] = if reply > 0 { &payload } else { &[1u8] };
+                    if socket.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Bulk transfer of 4 MiB each way, in bytes per second.
+async fn bulk_transfer(repeats: usize) {
+    const TRANSFERS: usize = 20;
+    let bytes = BULK * 4;
+    let server = start_server(BULK, 1).await;
+    let mut client = ours(channel(&server).await);
+    let download_raw = start_raw(bytes, 1).await;
+    let upload_raw = start_raw(0, bytes).await;
+    let (mut down, mut raw_down, mut up, mut raw_up) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut next_id = 1u64;
+    for _ in 0..repeats {
+        let started = Instant::now();
+        for _ in 0..TRANSFERS {
+            let response = client
+                .download_parameters(pb::DownloadRequest {
+                    participant_id: "p0".into(),
+                    theta_d: 1.0,
+                })
+                .await
+                .expect("the download succeeds")
+                .into_inner();
+            let values = response.parameters.map_or(0, |p| p.values.len());
+            assert_eq!(values, bytes, "the download is dense");
+        }
+        down.push((TRANSFERS * bytes) as f64 / started.elapsed().as_secs_f64());
+
+        let mut socket = TcpStream::connect(download_raw).await.expect("raw server");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut buffer = vec![0u8; bytes];
+        let started = Instant::now();
+        for _ in 0..TRANSFERS {
+            socket.write_all(&[1]).await.expect("raw request");
+            socket.read_exact(&mut buffer).await.expect("raw reply");
+        }
+        raw_down.push((TRANSFERS * bytes) as f64 / started.elapsed().as_secs_f64());
+
+        let requests: Vec<pb::UploadRequest> = (0..TRANSFERS)
+            .map(|k| dense_upload(0, next_id + k as u64, BULK))
+            .collect();
+        next_id += TRANSFERS as u64;
+        let started = Instant::now();
+        for request in requests {
+            client
+                .upload_gradients(request)
+                .await
+                .expect("the dense upload is applied");
+        }
+        up.push((TRANSFERS * bytes) as f64 / started.elapsed().as_secs_f64());
+
+        let mut socket = TcpStream::connect(upload_raw).await.expect("raw server");
+        socket.set_nodelay(true).expect("nodelay");
+        let payload = vec![5u8; bytes];
+        let mut ack = [0u8; 1];
+        let started = Instant::now();
+        for _ in 0..TRANSFERS {
+            socket.write_all(&payload).await.expect("raw upload");
+            socket.read_exact(&mut ack).await.expect("raw ack");
+        }
+        raw_up.push((TRANSFERS * bytes) as f64 / started.elapsed().as_secs_f64());
+    }
+    let (down, raw_down, up, raw_up) = (median(down), median(raw_down), median(up), median(raw_up));
+    row(
+        "2a. dense download, 4 MiB",
+        "B/s",
+        down,
+        raw_down,
+        down / raw_down,
+        ">= 0.25",
+    );
+    row(
+        "2b. dense upload, 4 MiB",
+        "B/s",
+        up,
+        raw_up,
+        up / raw_up,
+        ">= 0.25",
+    );
+}
+
+/// Median latency of a one-parameter upload at concurrency 1, and the TCP
+/// round trip of one byte.
+async fn small_call_latency(repeats: usize) {
+    const CALLS: usize = 2_000;
+    let server = start_server(MLP, 1).await;
+    let mut client = ours(channel(&server).await);
+    let raw = start_raw(0, 1).await;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut next_id = 1u64;
+    let (mut call, mut round_trip) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let mut latencies = Vec::with_capacity(CALLS);
+        for _ in 0..CALLS {
+            let request = upload(&mut rng, 0, next_id, MLP, 1);
+            next_id += 1;
+            let started = Instant::now();
+            client
+                .upload_gradients(request)
+                .await
+                .expect("the upload is applied");
+            latencies.push(started.elapsed().as_secs_f64());
+        }
+        call.push(median(latencies));
+
+        let mut socket = TcpStream::connect(raw).await.expect("raw server");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut byte = [0u8; 1];
+        let mut latencies = Vec::with_capacity(CALLS);
+        for _ in 0..CALLS {
+            let started = Instant::now();
+            socket.write_all(&[1]).await.expect("raw ping");
+            socket.read_exact(&mut byte).await.expect("raw pong");
+            latencies.push(started.elapsed().as_secs_f64());
+        }
+        round_trip.push(median(latencies));
+    }
+    let (call, round_trip) = (median(call), median(round_trip));
+    row(
+        "3. small-call latency, median, concurrency 1",
+        "s",
+        call,
+        round_trip,
+        call / round_trip,
+        "<= 12",
+    );
+}
+
+/// One-parameter uploads per second at concurrency 64, against the bare
+/// service echoing a message of the same size.
+async fn server_overhead(repeats: usize) {
+    const TASKS: usize = 64;
+    const CONNECTIONS: usize = 8;
+    const PER_TASK: usize = 200;
+    let server = start_server(MLP, TASKS).await;
+    let baseline = start_bare().await;
+    let mut ours_channels = Vec::new();
+    let mut bare_channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        ours_channels.push(channel(&server).await);
+        bare_channels.push(channel(&baseline).await);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let size = upload(&mut rng, 0, 1, MLP, 1).encoded_len();
+    let mut next_id = 1u64;
+    let (mut ours_rates, mut bare_rates) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let requests: Vec<pb::UploadRequest> = (0..PER_TASK)
+                    .map(|k| upload(&mut rng, task, next_id + k as u64, MLP, 1))
+                    .collect();
+                let mut client = ours(ours_channels[task % CONNECTIONS].clone());
+                tokio::spawn(async move {
+                    for request in requests {
+                        client
+                            .upload_gradients(request)
+                            .await
+                            .expect("the upload is applied");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("the client task finishes");
+        }
+        next_id += PER_TASK as u64;
+        ours_rates.push((TASKS * PER_TASK) as f64 / started.elapsed().as_secs_f64());
+
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let mut client = bare(bare_channels[task % CONNECTIONS].clone());
+                tokio::spawn(async move {
+                    for _ in 0..PER_TASK {
+                        let blob = bench::Blob {
+                            data: vec![7u8; size],
+                        };
+                        client.echo(blob).await.expect("the blob is echoed");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("the client task finishes");
+        }
+        bare_rates.push((TASKS * PER_TASK) as f64 / started.elapsed().as_secs_f64());
+    }
+    let (ours_rate, bare_rate) = (median(ours_rates), median(bare_rates));
+    row(
+        "4. tiny uploads, concurrency 64",
+        "calls/s",
+        ours_rate,
+        bare_rate,
+        ours_rate / bare_rate,
+        ">= 0.9",
+    );
+}
+
+/// A relay on loopback that forwards every connection to `target` and
+/// counts the bytes sent toward it.
+async fn start_relay(
+    target: std::net::SocketAddr,
+    upstream: Arc<AtomicU64>,
+) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("loopback binds");
+    let address = listener.local_addr().expect("bound");
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let upstream = Arc::clone(&upstream);
+            tokio::spawn(async move {
+                let server = TcpStream::connect(target).await.expect("the server is up");
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let forward = async {
+                    let mut buffer = vec![0u8; 1 << 16];
+                    loop {
+                        let read = match client_read.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => read,
+                        };
+                        upstream.fetch_add(read as u64, AtomicOrdering::Relaxed);
+                        if server_write.write_all(&buffer[..read]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let back = tokio::io::copy(&mut server_read, &mut client_write);
+                let _ = tokio::join!(forward, back);
+            });
+        }
+    });
+    address
+}
+
+/// Bytes on the wire per uploaded parameter at several densities.
+async fn wire_efficiency() {
+    const UPLOADS: usize = 50;
+    let server = start_server(MLP, 1).await;
+    let target: std::net::SocketAddr = server
+        .trim_start_matches("http://")
+        .parse()
+        .expect("a socket address");
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut next_id = 1u64;
+    for density in [0.001, 0.01, 0.1] {
+        let upstream = Arc::new(AtomicU64::new(0));
+        let relay = start_relay(target, Arc::clone(&upstream)).await;
+        let mut client = ours(channel(&format!("http://{relay}")).await);
+        let count = fraction_count(density, MLP);
+        let requests: Vec<pb::UploadRequest> = (0..UPLOADS)
+            .map(|k| upload(&mut rng, 0, next_id + k as u64, MLP, count))
+            .collect();
+        next_id += UPLOADS as u64;
+        let encoded: usize = requests.iter().map(Message::encoded_len).sum();
+        // The connection's preface and settings are counted once, as a
+        // participant that keeps its connection pays them once.
+        for request in requests {
+            client
+                .upload_gradients(request)
+                .await
+                .expect("the upload is applied");
+        }
+        let wire = upstream.load(AtomicOrdering::Relaxed) as f64;
+        let per_parameter = wire / (UPLOADS * count) as f64;
+        println!(
+            "| 7. wire bytes per uploaded parameter, density {density} ({count} of 109,386) | {per_parameter:.3} B | 4 B (the f32 value) | {:.3} | <= 1.5 | {} | protobuf alone {:.3} B |",
+            per_parameter / 4.0,
+            if per_parameter / 4.0 <= 1.5 {
+                "met"
+            } else {
+                "missed"
+            },
+            encoded as f64 / (UPLOADS * count) as f64
+        );
+    }
+}
+
+fn main() {
+    let repeats = repeats();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the runtime starts");
+    println!(
+        "transport benchmarks on {} cores, median of {repeats} runs; the server keeps its state in memory",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!();
+    println!("| figure | server | reference | ratio | target | verdict |");
+    println!("|---|---|---|---|---|---|");
+    runtime.block_on(async {
+        sparse_ingest(repeats).await;
+        bulk_transfer(repeats).await;
+        small_call_latency(repeats).await;
+        server_overhead(repeats).await;
+        wire_efficiency().await;
+    });
+    // Give the spawned servers no chance to hold the process open.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+}
