@@ -203,6 +203,8 @@ impl Client {
             .map_err(|error| invalid(error.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
+            .initial_stream_window_size(dssgd_server::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(dssgd_server::HTTP2_CONNECTION_WINDOW)
             // Without pings, a connection whose server vanished (a container
             // that came back under another address) waits forever, because
             // no data is left unacknowledged for TCP to time out.

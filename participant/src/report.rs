@@ -702,6 +702,70 @@ pub fn write_outputs(
     Ok(())
 }
 
+/// The mean and spread over seeds of the collaborative cells that differ
+/// only in their seed, as a Markdown section; empty when no seed varies.
+fn seed_means(
+    collaborative: &[&CellSettings],
+    keys: &[String],
+    results: &HashMap<String, CellResult>,
+) -> String {
+    if !keys.iter().any(|k| k == "seed") {
+        return String::new();
+    }
+    let others: Vec<String> = keys.iter().filter(|k| *k != "seed").cloned().collect();
+    let mut groups: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for cell in collaborative {
+        let Some(result) = results.get(&cell.id()) else {
+            continue;
+        };
+        let name = if others.is_empty() {
+            "all cells".to_string()
+        } else {
+            label(cell, &others)
+        };
+        if !groups.contains_key(&name) {
+            order.push(name.clone());
+        }
+        groups.entry(name).or_default().push(result.accuracy);
+    }
+    let mut rows = Vec::new();
+    for name in order {
+        let accuracies = &groups[&name];
+        let count = accuracies.len() as f64;
+        let mean = accuracies.iter().sum::<f64>() / count;
+        // Sample standard deviation; one seed has none.
+        let spread = if accuracies.len() > 1 {
+            let squares: f64 = accuracies.iter().map(|a| (a - mean).powi(2)).sum();
+            format!("{:.4}", (squares / (count - 1.0)).sqrt())
+        } else {
+            "-".to_string()
+        };
+        let low = accuracies.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        rows.push(vec![
+            name,
+            accuracies.len().to_string(),
+            format!("**{mean:.4}**"),
+            spread,
+            format!("{low:.4} to {high:.4}"),
+        ]);
+    }
+    let header: Vec<String> = [
+        "cells",
+        "seeds",
+        "mean accuracy",
+        "standard deviation",
+        "range",
+    ]
+    .map(String::from)
+    .to_vec();
+    format!(
+        "## Mean over seeds\n\nFinal global accuracy of the cells that differ only in their seed.\n\n{}\n",
+        markdown_table(&header, &rows)
+    )
+}
+
 fn markdown(
     experiment: &Experiment,
     results: &HashMap<String, CellResult>,
@@ -816,6 +880,8 @@ fn markdown(
         text.push_str(&markdown_table(&header, &rows));
         text.push('\n');
     }
+
+    text.push_str(&seed_means(&collaborative, &keys, results));
 
     let references: Vec<&CellSettings> = experiment
         .cells
@@ -952,6 +1018,53 @@ mod tests {
         assert_eq!(timestamp(0), "1970-01-01 00:00 UTC");
         assert_eq!(timestamp(951_782_400), "2000-02-29 00:00 UTC");
         assert_eq!(timestamp(1_796_360_820), "2026-12-04 05:07 UTC");
+    }
+
+    #[test]
+    fn seeds_are_averaged_per_setting() {
+        let text = "[experiment]\nname = \"t\"\nreferences = false\n[[grid]]\ntheta_u = [1.0, 0.1]\nseed = [1, 2, 3]\n";
+        let experiment = crate::experiment::parse(text, "x.toml").unwrap();
+        let mut results = HashMap::new();
+        for cell in &experiment.cells {
+            let accuracy = if cell.theta_u == 1.0 {
+                0.88 + 0.02 * cell.seed as f64
+            } else {
+                0.80
+            };
+            results.insert(
+                cell.id(),
+                CellResult {
+                    id: cell.id(),
+                    settings: cell.clone(),
+                    accuracy,
+                    accuracy_min: None,
+                    accuracy_max: None,
+                    participant_mean: None,
+                    curve: vec![(1, accuracy)],
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                    wall_seconds: 1.0,
+                    epsilon_spent: None,
+                    participants_per_process: None,
+                    peak_rss_per_participant_bytes: None,
+                    global_version: None,
+                    finished_at: 0,
+                },
+            );
+        }
+        let cells: Vec<&CellSettings> = experiment.cells.iter().collect();
+        let keys = varying_keys(&cells);
+        let section = seed_means(&cells, &keys, &results);
+        assert!(
+            section.contains("| theta_u=1 | 3 | **0.9200** | 0.0200 | 0.9000 to 0.9400 |"),
+            "{section}"
+        );
+        assert!(
+            section.contains("| theta_u=0.1 | 3 | **0.8000** | 0.0000 | 0.8000 to 0.8000 |"),
+            "{section}"
+        );
+        let without_seeds: Vec<String> = keys.into_iter().filter(|k| k != "seed").collect();
+        assert!(seed_means(&cells, &without_seeds, &results).is_empty());
     }
 
     #[test]

@@ -132,6 +132,8 @@ async fn start_bare() -> String {
         .max_encoding_message_size(MAX_MESSAGE);
     tokio::spawn(
         tonic::transport::Server::builder()
+            .initial_stream_window_size(dssgd_server::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(dssgd_server::HTTP2_CONNECTION_WINDOW)
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
@@ -139,8 +141,12 @@ async fn start_bare() -> String {
 }
 
 async fn channel(address: &str) -> Channel {
+    // The participant's client settings.
     Channel::from_shared(address.to_string())
         .expect("valid address")
+        .tcp_nodelay(true)
+        .initial_stream_window_size(dssgd_server::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(dssgd_server::HTTP2_CONNECTION_WINDOW)
         .connect()
         .await
         .expect("the bench server accepts connections")

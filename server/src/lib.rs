@@ -108,6 +108,14 @@ impl Default for ServerConfig {
     }
 }
 
+/// HTTP/2 flow-control window of each call, in bytes. The protocol's
+/// default of 64 KiB makes a 4 MiB transfer wait for a window update after
+/// every 64 KiB; a few MiB let a dense model cross in one go.
+pub const HTTP2_STREAM_WINDOW: u32 = 4 << 20;
+
+/// HTTP/2 flow-control window of a whole connection, in bytes.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 8 << 20;
+
 /// Serves the parameter server on `listener` until `shutdown` completes,
 /// then stops accepting and lets in-flight calls finish.
 pub async fn run(
@@ -144,7 +152,9 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the compiled descriptor sets are valid");
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
