@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copies the outputs of finished experiments (report, tables, plots) from
 # runs/NAME to docs/experiments/NAME, where the results page links them.
-# The cells/ folders, with their logs, metrics and TLS keys, stay in runs/.
+# The cells/ folders, with their logs, metrics and certificates, stay in runs/.
 #
 # Usage: scripts/publish-experiments.sh NAME...
 set -euo pipefail

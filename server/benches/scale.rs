@@ -72,7 +72,7 @@ fn by_model_size() {
         let mut rng = ChaCha8Rng::seed_from_u64(n as u64);
         let uploads = (20_000_000 / count).clamp(5, 2_000);
         // Each upload is drawn just before it is applied, so that the
-        // memory figure holds the store alone; only the applies are timed.
+        // memory figure counts the store alone; only the applies are timed.
         let mut applying = std::time::Duration::ZERO;
         for id in 0..uploads {
             let upload = Upload {

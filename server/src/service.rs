@@ -24,6 +24,10 @@ use crate::metrics::Metrics;
 use crate::store::{ModelInfo, Store, Upload};
 use crate::turns::Turns;
 
+/// Largest encoded upload, in bytes, that the in-memory store applies on
+/// the reactor thread instead of the blocking pool: about 2,000 changes.
+const INLINE_UPLOAD_BYTES: usize = 16 << 10;
+
 /// The parameter server's gRPC handler.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -403,6 +407,23 @@ impl Service {
         T: Send + 'static,
         F: FnOnce() -> Result<T, ServerError> + Send + 'static,
     {
+        self.run_handler(rpc, participant, false, handler).await
+    }
+
+    /// Runs `handler` like [`Service::off_reactor`], but on the calling
+    /// reactor thread when `inline` is set: for work of a few microseconds
+    /// the hop to the blocking pool costs more than the work itself.
+    async fn run_handler<T, F>(
+        &self,
+        rpc: &'static str,
+        participant: String,
+        inline: bool,
+        handler: F,
+    ) -> Result<Response<T>, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, ServerError> + Send + 'static,
+    {
         // A call over the limit is rejected at once instead of queueing, so
         // the memory held by waiting requests stays bounded.
         let Ok(permit) = Arc::clone(&self.calls).try_acquire_owned() else {
@@ -410,12 +431,17 @@ impl Service {
             let overloaded = Err(ServerError::Overloaded { limit });
             return finish(&self.metrics, rpc, &participant, overloaded).map(Response::new);
         };
-        let result = tokio::task::spawn_blocking(move || {
+        let result = if inline {
             let _permit = permit;
             handler()
-        })
-        .await
-        .map_err(|error| Status::internal(format!("{rpc} task failed: {error}")))?;
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                handler()
+            })
+            .await
+            .map_err(|error| Status::internal(format!("{rpc} task failed: {error}")))?
+        };
         finish(&self.metrics, rpc, &participant, result).map(Response::new)
     }
 }
@@ -479,8 +505,16 @@ impl ParameterServer for Service {
         )?;
         let request = request.into_inner();
         let participant = request.participant_id.clone();
+        // A small upload to the in-memory store takes microseconds, so it
+        // runs on the reactor; a large one, or one that the durable store
+        // must commit to disk, goes to the blocking pool.
+        let size = request
+            .changes
+            .as_ref()
+            .map_or(0, |slice| slice.indices.len() + slice.values.len());
+        let inline = size <= INLINE_UPLOAD_BYTES && !self.store.is_durable();
         let service = self.clone();
-        self.off_reactor("UploadGradients", participant, move || {
+        self.run_handler("UploadGradients", participant, inline, move || {
             service.handle_upload(request)
         })
         .await
