@@ -328,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn small_concentration_skews_labels_and_large_one_does_not() {
+    fn label_skew_follows_concentration() {
         let labels = labels();
         let mean_share = |alpha: f64| {
             let skew = LabelSkew {
@@ -382,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn a_class_that_runs_out_is_made_up_from_others() {
+    fn label_skew_refills_exhausted_class() {
         // Class 0 has only 5 examples; the rest are class 1.
         let labels: Vec<u8> = (0..100).map(|i| u8::from(i >= 5)).collect();
         let plan = ShardPlan {

@@ -512,7 +512,7 @@ impl TrainingArgs {
     }
 
     /// Example indices of the shards of participants `indices`, IID or
-    /// label-skewed as the settings say, each in increasing order.
+    /// label-skewed as the settings give, each in increasing order.
     pub fn shards(&self, train: &Dataset, indices: &[usize]) -> Vec<Vec<usize>> {
         let plan = self.shard_plan(train.len());
         match self.dirichlet_alpha {

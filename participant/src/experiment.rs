@@ -10,7 +10,7 @@
 //! (PNG and SVG) and a Markdown report.
 //!
 //! A cell's identity is a hash of its settings, and a finished cell keeps
-//! its result in `cells/ID/result.json`; starting the same experiment again
+//! its result in `cells/ID/result.json`. Starting the same experiment again
 //! skips finished cells, so a long grid can run across several sittings.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -106,7 +106,7 @@ pub enum Method {
 }
 
 impl Method {
-    /// The lowercase name.
+    /// Returns the lowercase name.
     pub fn name(self) -> &'static str {
         match self {
             Method::Collaborative => "collaborative",
@@ -121,7 +121,7 @@ impl Method {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CellSettings {
-    /// What the cell runs.
+    /// Kind of run.
     pub method: Method,
     /// Dataset name.
     pub dataset: String,
@@ -147,7 +147,8 @@ pub struct CellSettings {
     pub selection: Option<Selection>,
     /// Privacy spend per upload.
     pub epsilon: Option<f64>,
-    /// Privacy spend per released parameter, as the paper reports it.
+    /// Privacy spend per released parameter: the spend of an upload divided
+    /// by the most parameters it may release.
     pub epsilon_per_parameter: Option<f64>,
     /// Local epochs.
     pub epochs: usize,
@@ -200,7 +201,7 @@ fn defaults() -> Map<String, Value> {
 }
 
 /// Keys whose values do not change the training of a reference.
-const SHARING_KEYS: [&str; 9] = [
+pub const SHARING_KEYS: [&str; 9] = [
     "ordering",
     "theta_u",
     "theta_d",
@@ -213,7 +214,15 @@ const SHARING_KEYS: [&str; 9] = [
 ];
 
 impl CellSettings {
-    /// The cell's identity: a hash of every setting.
+    /// Returns every setting by its configuration key.
+    pub fn to_map(&self) -> Map<String, Value> {
+        match serde_json::to_value(self).expect("settings serialize") {
+            Value::Object(map) => map,
+            _ => unreachable!("settings are an object"),
+        }
+    }
+
+    /// Returns the cell's identity: a hash of every setting.
     pub fn id(&self) -> String {
         let text = serde_json::to_string(self).expect("settings serialize");
         let digest = Sha256::digest(text.as_bytes());
@@ -221,18 +230,16 @@ impl CellSettings {
         format!("{}-{}-{hex}", self.method.name(), self.model.name())
     }
 
-    /// Whether uploads are differentially private.
+    /// Returns whether uploads are differentially private.
     pub fn private(&self) -> bool {
         self.epsilon.is_some() || self.epsilon_per_parameter.is_some()
     }
 
-    /// The reference cell of `method` that this cell is compared with: the
-    /// same training settings, with the sharing settings at their defaults.
+    /// Returns the reference cell of `method` that this cell is compared
+    /// with: the same training settings, with the sharing settings at their
+    /// defaults.
     pub fn reference(&self, method: Method) -> CellSettings {
-        let mut map = match serde_json::to_value(self).expect("settings serialize") {
-            Value::Object(map) => map,
-            _ => unreachable!("settings are an object"),
-        };
+        let mut map = self.to_map();
         let defaults = defaults();
         for key in SHARING_KEYS {
             match defaults.get(key) {
@@ -253,7 +260,7 @@ impl CellSettings {
         serde_json::from_value(Value::Object(map)).expect("a reference is valid settings")
     }
 
-    /// The dataset, by name.
+    /// Returns the dataset named by `dataset`.
     pub fn dataset_kind(&self) -> anyhow::Result<DatasetKind> {
         match self.dataset.as_str() {
             "mnist" => Ok(DatasetKind::Mnist),
@@ -262,8 +269,8 @@ impl CellSettings {
         }
     }
 
-    /// The participant's training settings, reading the dataset from
-    /// `data_dir`.
+    /// Returns the participant's training settings, reading the dataset
+    /// from `data_dir`.
     pub fn training(&self, data_dir: &Path, device: DeviceChoice) -> TrainingArgs {
         TrainingArgs {
             model: self.model,
@@ -287,7 +294,7 @@ impl CellSettings {
         }
     }
 
-    /// The participant's sharing settings.
+    /// Returns the participant's sharing settings.
     pub fn sharing(&self) -> SharingArgs {
         SharingArgs {
             theta_u: self.theta_u,
@@ -345,7 +352,7 @@ impl CellSettings {
 pub struct ExperimentSection {
     /// Short name: the default output folder is runs/NAME.
     pub name: String,
-    /// What the experiment shows, for the report.
+    /// Description of the experiment, for the report.
     #[serde(default)]
     pub description: String,
     /// Add the standalone and centralized references of every
@@ -1023,10 +1030,7 @@ fn lock_output(root: &Path) -> anyhow::Result<std::fs::File> {
 /// line.
 fn describe(cell: &CellSettings) -> String {
     let defaults = defaults();
-    let map = match serde_json::to_value(cell).expect("settings serialize") {
-        Value::Object(map) => map,
-        _ => unreachable!("settings are an object"),
-    };
+    let map = cell.to_map();
     map.iter()
         .filter(|(key, value)| {
             key.as_str() != "method"

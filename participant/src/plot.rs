@@ -308,20 +308,21 @@ mod tests {
     }
 
     #[test]
-    fn a_chart_is_written_as_svg_and_png() {
+    fn chart_writes_svg_and_png() {
         let dir = tempfile::tempdir().unwrap();
         for log_x in [true, false] {
             let stem = dir.path().join(format!("chart-{log_x}"));
             render(&chart(log_x), &stem).unwrap();
             let svg = std::fs::read_to_string(stem.with_extension("svg")).unwrap();
-            assert!(svg.starts_with("<svg") && svg.contains("collaborative"));
+            assert!(svg.starts_with("<svg"));
+            assert!(svg.contains("collaborative"));
             let png = std::fs::read(stem.with_extension("png")).unwrap();
             assert_eq!(&png[1..4], b"PNG");
         }
     }
 
     #[test]
-    fn a_log_axis_refuses_zero() {
+    fn log_axis_rejects_zero() {
         let mut bad = chart(true);
         bad.series[0].points[0].0 = 0.0;
         let dir = tempfile::tempdir().unwrap();

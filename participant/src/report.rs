@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::{Map, Value};
 
-use crate::experiment::{CellResult, CellSettings, Experiment, Method};
+use crate::experiment::{CellResult, CellSettings, Experiment, Method, SHARING_KEYS};
 use crate::metrics::{significant, write_json};
 use crate::plot::{Chart, Line, Series, render};
 
@@ -80,10 +80,7 @@ fn reference_line(method: Method) -> Line {
 }
 
 fn settings_map(cell: &CellSettings) -> Map<String, Value> {
-    match serde_json::to_value(cell).expect("settings serialize") {
-        Value::Object(map) => map,
-        _ => unreachable!("settings are an object"),
-    }
+    cell.to_map()
 }
 
 /// Text of a setting's value as a table shows it.
@@ -156,7 +153,7 @@ fn csv_row(
     let map = settings_map(cell);
     let reference = cell.method != Method::Collaborative;
     let setting = |key: &str| {
-        if reference && SHARING_COLUMNS.contains(&key) {
+        if reference && SHARING_KEYS.contains(&key) {
             String::new()
         } else {
             match &map[key] {
@@ -172,28 +169,13 @@ fn csv_row(
         cell.method.name().to_string(),
         status(&id, results, failures).to_string(),
     ];
-    for key in ["dataset", "model", "participants", "shard_fraction"] {
-        row.push(setting(key));
-    }
-    row.push(partition(cell));
-    for key in [
-        "ordering",
-        "theta_u",
-        "theta_d",
-        "gamma",
-        "tau",
-        "selection",
-        "epsilon",
-        "epsilon_per_parameter",
-        "epochs",
-        "lr",
-        "lr_decay",
-        "batch_size",
-        "momentum",
-        "eval_every",
-        "seed",
-    ] {
-        row.push(setting(key));
+    // The settings columns run from "dataset" to "seed"; "partition" is
+    // derived from dirichlet_alpha.
+    for &key in &CSV_COLUMNS[3..23] {
+        row.push(match key {
+            "partition" => partition(cell),
+            key => setting(key),
+        });
     }
     row.push(if cell.method == Method::Standalone {
         cell.standalone_sample.to_string()
@@ -235,18 +217,6 @@ fn csv_row(
     debug_assert_eq!(row.len(), CSV_COLUMNS.len());
     row
 }
-
-/// Settings that do not apply to a reference cell, left blank in its row.
-const SHARING_COLUMNS: [&str; 8] = [
-    "ordering",
-    "theta_u",
-    "theta_d",
-    "gamma",
-    "tau",
-    "selection",
-    "epsilon",
-    "epsilon_per_parameter",
-];
 
 /// Keys whose values differ among `cells`, in the settings' order.
 fn varying_keys(cells: &[&CellSettings]) -> Vec<String> {
@@ -429,7 +399,7 @@ fn sweep_chart(
     }
 }
 
-/// Whether `cell` matches every key and value of `filter`.
+/// Returns whether `cell` matches every key and value of `filter`.
 fn matches(cell: &CellSettings, filter: &Map<String, Value>) -> bool {
     let map = settings_map(cell);
     filter
@@ -460,11 +430,11 @@ fn plots(
     results: &HashMap<String, CellResult>,
 ) -> (Vec<(String, String)>, Vec<String>) {
     let dir = root.join("plots");
-    let mut made = Vec::new();
+    let mut drawn = Vec::new();
     let mut errors = Vec::new();
     if let Err(error) = std::fs::create_dir_all(&dir) {
         errors.push(format!("failed to create {}: {error}", dir.display()));
-        return (made, errors);
+        return (drawn, errors);
     }
     // Charts of an earlier report that this one does not draw would
     // otherwise stay beside the new ones.
@@ -587,11 +557,11 @@ fn plots(
 
     for (stem, chart, caption) in charts {
         match render(&chart, &dir.join(&stem)) {
-            Ok(()) => made.push((stem, caption)),
+            Ok(()) => drawn.push((stem, caption)),
             Err(error) => errors.push(format!("{stem}: {error:#}")),
         }
     }
-    (made, errors)
+    (drawn, errors)
 }
 
 /// Year, month and day of a Unix time, in UTC.
@@ -619,7 +589,7 @@ fn timestamp(seconds: u64) -> String {
     )
 }
 
-/// The machine, in one line: cores and CPU model.
+/// Describes the machine in one line: cores, CPU model and memory.
 fn machine() -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -702,8 +672,9 @@ pub fn write_outputs(
     Ok(())
 }
 
-/// The mean and spread over seeds of the collaborative cells that differ
-/// only in their seed, as a Markdown section; empty when no seed varies.
+/// Returns a Markdown section with the mean and spread over seeds of the
+/// collaborative cells that differ only in their seed, or nothing when no
+/// seed varies.
 fn seed_means(
     collaborative: &[&CellSettings],
     keys: &[String],

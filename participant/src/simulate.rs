@@ -566,7 +566,7 @@ fn wait_with_progress(
     }
 }
 
-/// The flag that SIGINT and SIGTERM set, installed once per process. A
+/// Returns the flag that SIGINT and SIGTERM set, installed once per process. A
 /// caller that sees it set returns an error, and dropping the process
 /// guards stops every child, the server included.
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {

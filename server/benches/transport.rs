@@ -164,7 +164,7 @@ fn bare(channel: Channel) -> BaselineClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE)
 }
 
-/// A sparse upload of `count` random changes out of `n`.
+/// Builds a sparse upload of `count` random changes out of `n`.
 fn upload(
     rng: &mut ChaCha8Rng,
     participant: usize,
@@ -198,7 +198,7 @@ fn upload(
     }
 }
 
-/// A dense upload of every parameter of a model of `n`.
+/// Builds a dense upload of every parameter of a model of `n`.
 fn dense_upload(participant: usize, id: u64, n: usize) -> pb::UploadRequest {
     let values = vec![0.001f32; n];
     pb::UploadRequest {
@@ -218,7 +218,7 @@ fn dense_upload(participant: usize, id: u64, n: usize) -> pb::UploadRequest {
     }
 }
 
-/// One row of the output table.
+/// Prints one row of the output table.
 fn row(figure: &str, unit: &str, ours: f64, reference: f64, ratio: f64, target: &str) {
     let verdict = match target.split_once(' ') {
         Some((">=", bound)) => ratio >= bound.parse::<f64>().unwrap_or(f64::NAN),
@@ -303,8 +303,8 @@ async fn sparse_ingest(repeats: usize) {
     );
 }
 
-/// Raw TCP: a server that answers each one-byte request with `reply`
-/// bytes, or reads `expect` bytes and answers one byte.
+/// Starts a raw TCP server that replies to each one-byte request with
+/// `reply` bytes, or reads `expect` bytes and replies with one byte.
 async fn start_raw(reply: usize, expect: usize) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -533,8 +533,8 @@ async fn server_overhead(repeats: usize) {
     );
 }
 
-/// A relay on loopback that forwards every connection to `target` and
-/// counts the bytes sent toward it.
+/// Starts a relay on loopback that forwards every connection to `target`
+/// and counts the bytes sent toward it.
 async fn start_relay(
     target: std::net::SocketAddr,
     upstream: Arc<AtomicU64>,

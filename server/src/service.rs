@@ -506,7 +506,7 @@ impl ParameterServer for Service {
         let request = request.into_inner();
         let participant = request.participant_id.clone();
         // A small upload to the in-memory store takes microseconds, so it
-        // runs on the reactor; a large one, or one that the durable store
+        // runs on the reactor. A large one, or one that the durable store
         // must commit to disk, goes to the blocking pool.
         let size = request
             .changes

@@ -197,23 +197,23 @@ fn small_grid_resumes_and_reports() {
     let output = dir.path().join("out");
 
     // Stop the runner after its first cell: the finished cell stays, the
-    // running one is abandoned, and the exit status says it was stopped.
+    // running one is abandoned, and the exit status reports the stop.
     let stopped = interrupt_after(&config(), &output, 1);
     assert!(!stopped.success, "{}", text(&stopped));
-    let kept = results(&output);
-    assert!(!kept.is_empty());
+    let survivors = results(&output);
+    assert!(!survivors.is_empty());
 
     // The same command resumes: finished cells are not run again.
     let resumed = run(&config(), &output, &[]);
     assert!(resumed.success, "{}", text(&resumed));
     assert!(
-        text(&resumed).contains(&format!("{} already finished", kept.len())),
+        text(&resumed).contains(&format!("{} already finished", survivors.len())),
         "{}",
         text(&resumed)
     );
     let finished = results(&output);
     assert_eq!(finished.len(), 7, "{finished:?}");
-    for (id, modified) in &kept {
+    for (id, modified) in &survivors {
         assert_eq!(finished[id], *modified, "{id} was run again");
     }
 
