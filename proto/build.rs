@@ -14,7 +14,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("dssgd_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // The payloads of a slice decode as `bytes::Bytes` views of the
+    // received buffer instead of copies, which matters for dense transfers
+    // of several MiB.
+    tonic_prost_build::configure()
+        .bytes(".dssgd.v1.SparseSlice")
+        .compile_fds(descriptors)?;
 
     // The benchmarks' reference services, kept out of the descriptor set
     // that the server publishes.

@@ -18,46 +18,162 @@ pub fn fraction_count(theta: f64, n: usize) -> usize {
     }
 }
 
+/// Bits of a key that one histogram pass of the radix selection resolves.
+const RADIX_BITS: u32 = 11;
+
+/// Keys read to estimate the selection threshold of [`top_k_by_key`].
+const SAMPLE: usize = 1024;
+
 /// Returns the indices of the `k` largest keys, ties broken by the lower
 /// index, in increasing index order.
 ///
-/// Runs in O(n + k log k): a partial selection, then a sort of the `k` winners
-/// by index. NaN keys rank below every number.
-pub fn top_k_by_key<K, F>(n: usize, k: usize, key: F) -> Vec<u32>
+/// A threshold is estimated from an evenly spaced sample of 1,024 keys,
+/// set low enough that about 1.5 times `k` keys pass it. One pass collects
+/// the indices whose key reaches it; if at least `k` do, every key of the
+/// answer is among them, ties included, and a radix selection picks the
+/// answer from them. Otherwise the radix selection runs on every index.
+/// Both are O(n) with few mispredicted branches, where a comparison-based
+/// partial selection runs several times slower.
+pub fn top_k_by_key<F>(n: usize, k: usize, key: F) -> Vec<u32>
 where
-    K: PartialOrd + Copy,
-    F: Fn(usize) -> K,
+    F: Fn(usize) -> u64,
 {
     let k = k.min(n);
     if k == 0 {
         return Vec::new();
     }
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    if k < n {
-        // "a before b" when a has the larger key, or the same key and a lower
-        // index; this is a strict total order, so the first k are well defined.
-        let rank = |a: &u32, b: &u32| {
-            let (ka, kb) = (key(*a as usize), key(*b as usize));
-            match kb.partial_cmp(&ka) {
-                Some(std::cmp::Ordering::Equal) => a.cmp(b),
-                Some(ordering) => ordering,
-                // NaN on one side: the NaN one goes last.
-                None if ka.partial_cmp(&ka).is_none() && kb.partial_cmp(&kb).is_none() => a.cmp(b),
-                None if ka.partial_cmp(&ka).is_none() => std::cmp::Ordering::Greater,
-                None => std::cmp::Ordering::Less,
-            }
-        };
-        order.select_nth_unstable_by(k - 1, rank);
-        order.truncate(k);
+    if k == n {
+        return (0..n as u32).collect();
     }
-    order.sort_unstable();
-    order
+    if let Some(threshold) = sampled_threshold(n, k, &key) {
+        let mut candidates = Vec::with_capacity(k + k / 2 + 64);
+        for i in 0..n {
+            if key(i) >= threshold {
+                candidates.push(i as u32);
+            }
+        }
+        if candidates.len() >= k {
+            return radix_top_k(|| candidates.iter().copied(), k, &key);
+        }
+    }
+    radix_top_k(|| 0..n as u32, k, &key)
+}
+
+/// A key that about 1.5 times `k` of the `n` keys reach, estimated from a
+/// sample; `None` when the sample cannot tell (it would pass almost every
+/// key).
+fn sampled_threshold<F>(n: usize, k: usize, key: &F) -> Option<u64>
+where
+    F: Fn(usize) -> u64,
+{
+    if n < 4 * SAMPLE {
+        return None;
+    }
+    let mut sample: Vec<u64> = (0..SAMPLE).map(|j| key(j * n / SAMPLE)).collect();
+    sample.sort_unstable_by(|a, b| b.cmp(a));
+    // The expected rank of the k-th key in the sample, raised by half and
+    // by three standard deviations of a binomial count.
+    let expected = k as f64 * SAMPLE as f64 / n as f64;
+    let rank = (1.5 * expected + 3.0 * expected.sqrt() + 3.0).ceil() as usize;
+    (rank < SAMPLE / 2).then(|| sample[rank])
+}
+
+/// Returns the `k` largest keys' indices among `indices()` (increasing
+/// indices, at least `k` of them), ties broken by the lower index, in
+/// increasing order.
+///
+/// One pass finds the largest key and a second counts the indices per
+/// bucket of their keys' top 11 significant bits; a third keeps the indices
+/// above the bucket where the k-th key falls and collects that bucket's
+/// indices as candidates. Candidates are refined by the next 11 bits until
+/// the remaining ones share one key; the lowest indices of those complete
+/// the selection.
+fn radix_top_k<I, It, F>(indices: I, k: usize, key: &F) -> Vec<u32>
+where
+    I: Fn() -> It,
+    It: Iterator<Item = u32>,
+    F: Fn(usize) -> u64,
+{
+    let key_of = |i: u32| key(i as usize);
+    let largest = indices().map(key_of).max().unwrap_or(0);
+    let significant_bits = u64::BITS - largest.leading_zeros();
+    let mut shift = significant_bits.saturating_sub(RADIX_BITS);
+    let mask = (1u64 << RADIX_BITS) - 1;
+
+    let mut counts = vec![0usize; 1 << RADIX_BITS];
+    for i in indices() {
+        counts[(key_of(i) >> shift) as usize] += 1;
+    }
+    let (boundary, mut remaining) = boundary_bucket(&counts, k);
+    let mut chosen = Vec::with_capacity(k);
+    let mut candidates = Vec::new();
+    for i in indices() {
+        let bucket = (key_of(i) >> shift) as usize;
+        if bucket > boundary {
+            chosen.push(i);
+        } else if bucket == boundary {
+            candidates.push(i);
+        }
+    }
+
+    while shift > 0 && candidates.len() > remaining {
+        // Candidates agree on every bit from `shift` up, so the window of
+        // the next 11 bits orders them; bits of the window above the old
+        // shift are equal among them.
+        shift = shift.saturating_sub(RADIX_BITS);
+        counts.iter_mut().for_each(|count| *count = 0);
+        for &i in &candidates {
+            counts[((key_of(i) >> shift) & mask) as usize] += 1;
+        }
+        let (next_boundary, next_remaining) = boundary_bucket(&counts, remaining);
+        let mut next_candidates = Vec::new();
+        for &i in &candidates {
+            let bucket = ((key_of(i) >> shift) & mask) as usize;
+            if bucket > next_boundary {
+                chosen.push(i);
+            } else if bucket == next_boundary {
+                next_candidates.push(i);
+            }
+        }
+        candidates = next_candidates;
+        remaining = next_remaining;
+    }
+    // The candidates left share one key, or all of them fit: the lowest
+    // indices win the ties.
+    chosen.extend_from_slice(&candidates[..remaining.min(candidates.len())]);
+    chosen.sort_unstable();
+    chosen
+}
+
+/// Returns the bucket, counted from the top, that holds the `k`-th largest
+/// key, and how many of `k` that bucket must supply.
+fn boundary_bucket(counts: &[usize], k: usize) -> (usize, usize) {
+    let mut above = 0;
+    for bucket in (0..counts.len()).rev() {
+        if above + counts[bucket] >= k {
+            return (bucket, k - above);
+        }
+        above += counts[bucket];
+    }
+    unreachable!("the counts add up to at least k")
+}
+
+/// Sort key of a change for the largest-values rule: larger magnitude,
+/// larger key. NaN gets 0, below every number, and a number gets its
+/// magnitude's bit pattern plus one, which orders non-negative floats.
+fn magnitude_key(value: f32) -> u64 {
+    if value.is_nan() {
+        0
+    } else {
+        u64::from(value.abs().to_bits()) + 1
+    }
 }
 
 /// Selects the `c` entries of `delta` with the largest absolute value (the
-/// "largest values" rule), in increasing index order.
+/// "largest values" rule), ties broken by the lower index, in increasing
+/// index order. NaN entries rank below every number.
 pub fn select_largest(delta: &[f32], c: usize) -> Vec<u32> {
-    top_k_by_key(delta.len(), c, |i| delta[i].abs())
+    top_k_by_key(delta.len(), c, |i| magnitude_key(delta[i]))
 }
 
 /// Selects entries by the "random with threshold" rule: visit the indices in
@@ -107,7 +223,7 @@ pub fn random_permutation(n: usize, rng: &mut impl Rng) -> Vec<u32> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     #[test]
@@ -138,9 +254,39 @@ mod tests {
     }
 
     #[test]
+    fn top_k_refines_keys_that_share_their_top_bits() {
+        // Keys that differ only in their lowest bits take several levels.
+        let keys: Vec<u64> = (0..5000u64)
+            .map(|i| (1 << 60) + (i * 7919) % 5000)
+            .collect();
+        let top = top_k_by_key(keys.len(), 10, |i| keys[i]);
+        let mut expected: Vec<u32> = (0..5000u32)
+            .filter(|&i| keys[i as usize] >= (1 << 60) + 4990)
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(top, expected);
+    }
+
+    #[test]
+    fn top_k_of_equal_keys_takes_the_lowest_indices() {
+        assert_eq!(top_k_by_key(1000, 3, |_| 7), vec![0, 1, 2]);
+        assert_eq!(top_k_by_key(5, 5, |_| 0), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
     fn nan_ranks_last() {
         let delta = [f32::NAN, 0.1, 0.2];
         assert_eq!(select_largest(&delta, 2), vec![1, 2]);
+        // Below zero too, whatever the indices.
+        let delta = [f32::NAN, 0.0, -0.0, f32::NAN];
+        assert_eq!(select_largest(&delta, 2), vec![1, 2]);
+        assert_eq!(select_largest(&delta, 3), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn infinities_rank_first() {
+        let delta = [1.0, f32::NEG_INFINITY, 3.0, f32::INFINITY];
+        assert_eq!(select_largest(&delta, 2), vec![1, 3]);
     }
 
     #[test]
@@ -213,6 +359,32 @@ mod tests {
             expected.truncate(c.min(delta.len()));
             expected.sort_unstable();
             prop_assert_eq!(select_largest(&delta, c), expected);
+        }
+
+        #[test]
+        fn top_k_matches_a_full_sort(keys in proptest::collection::vec(
+                                         prop_oneof![0u64..4, 0u64..5000, any::<u64>()], 1..400),
+                                     k in 0usize..400) {
+            let mut expected: Vec<u32> = (0..keys.len() as u32).collect();
+            expected.sort_by(|&a, &b| keys[b as usize].cmp(&keys[a as usize]).then(a.cmp(&b)));
+            expected.truncate(k.min(keys.len()));
+            expected.sort_unstable();
+            prop_assert_eq!(top_k_by_key(keys.len(), k, |i| keys[i]), expected);
+        }
+
+        #[test]
+        fn top_k_of_many_keys_matches_a_full_sort(seed in any::<u64>(),
+                                                  n in 4096usize..20_000,
+                                                  k in 1usize..3000,
+                                                  distinct in prop_oneof![Just(3u64), Just(1000u64), Just(u64::MAX)]) {
+            // Large enough for the sampled threshold, with many or few ties.
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let keys: Vec<u64> = (0..n).map(|_| rng.random_range(0..distinct)).collect();
+            let mut expected: Vec<u32> = (0..n as u32).collect();
+            expected.sort_by(|&a, &b| keys[b as usize].cmp(&keys[a as usize]).then(a.cmp(&b)));
+            expected.truncate(k);
+            expected.sort_unstable();
+            prop_assert_eq!(top_k_by_key(n, k, |i| keys[i]), expected);
         }
 
         #[test]

@@ -34,9 +34,9 @@ static SERVER: LazyLock<(Service, Arc<Store>)> = LazyLock::new(|| {
                 layout_hash: "0123456789abcdef".into(),
             }),
             initial_parameters: Some(pb::SparseSlice {
-                indices: Vec::new(),
-                values,
+                values: values.into(),
                 dense: true,
+                ..Default::default()
             }),
         })
         .expect("the initial join is valid");

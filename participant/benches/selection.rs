@@ -6,7 +6,7 @@
 //! For n in {10^5, 10^6, 10^7} it draws a parameter change of n normal
 //! values and times, on one thread, the participant's whole upload path at
 //! k = 1% of n: the largest-|delta| selection, the clipping to gamma and the
-//! encoding of indices and values. The reference is `abs().topk(k)` of
+//! Rice coding of indices and the f32 values. The reference is `abs().topk(k)` of
 //! libtorch 2.13 on the same vector already in a tensor, the ATen kernel
 //! that `torch.topk` calls in PyTorch 2.13; it selects only, so it does
 //! less work than the upload path. The ratio is the median of ours over
@@ -17,13 +17,17 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use dssgd_common::select::{gather_bounded, select_largest};
-use dssgd_common::sparse::{encode_indices, encode_values};
+use dssgd_common::sparse::{encode_indices_rice, encode_values};
 use dssgd_participant::data::load_mnist;
 use dssgd_participant::model::{Model, ModelKind};
 use dssgd_participant::train::{LocalTrainer, SgdConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+
+/// The participant binary's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const REPEATS: usize = 7;
 
@@ -95,7 +99,7 @@ fn main() {
             let started = Instant::now();
             let indices = select_largest(&delta, k);
             let values = gather_bounded(&delta, &indices, 0.001);
-            let encoded = (encode_indices(&indices), encode_values(&values));
+            let encoded = (encode_indices_rice(&indices), encode_values(&values));
             ours.push(started.elapsed().as_secs_f64());
             bytes = encoded.0.len() + encoded.1.len();
 

@@ -22,8 +22,8 @@ use crate::client::{Client, RetryPolicy};
 use crate::data::{Dataset, DatasetKind, Splits};
 use crate::device::{DeviceChoice, resolve_device};
 use crate::dssgd::{
-    CollaborativeConfig, Epsilon, Participant, PrivacyConfig, Selection, run_collaborative,
-    train_alone,
+    CollaborativeConfig, Epsilon, Participant, PrivacyConfig, Selection, UploadValues,
+    run_collaborative, train_alone,
 };
 use crate::metrics::{RunMetrics, significant, write_json};
 use crate::model::{Model, ModelKind};
@@ -292,6 +292,16 @@ pub struct SharingArgs {
     /// (default: <participant id>.privacy.jsonl in the current folder).
     #[arg(long, env = "DSSGD_PRIVACY_LEDGER")]
     pub privacy_ledger: Option<PathBuf>,
+
+    /// Code of uploaded values: f32, or f16 for half the bytes at about
+    /// three significant decimal digits. f16 needs a gamma of at most 65504.
+    #[arg(
+        long,
+        env = "DSSGD_UPLOAD_VALUES",
+        value_enum,
+        default_value_t = UploadValues::F32
+    )]
+    pub upload_values: UploadValues,
 }
 
 /// Settings of an evaluation of the global model.
@@ -579,6 +589,14 @@ impl SharingArgs {
         check_unit_open_closed("theta-u", self.theta_u)?;
         check_unit_closed("theta-d", self.theta_d)?;
         check_positive("gamma", self.gamma)?;
+        if self.upload_values == UploadValues::F16 && self.gamma > UploadValues::F16_MAX_GAMMA {
+            bail!(
+                "--gamma {} is beyond the f16 range of --upload-values f16 (at most {}); \
+                 lower --gamma or upload f32 values",
+                self.gamma,
+                UploadValues::F16_MAX_GAMMA
+            );
+        }
         check_non_negative("tau", self.tau)?;
         if let Some(epsilon) = self.epsilon {
             check_positive("epsilon", epsilon)?;
@@ -768,6 +786,7 @@ impl Seat<'_> {
             selection: self.sharing.selection(),
             eval_every: training.eval_every,
             privacy: self.sharing.privacy(&participant_id),
+            upload_values: self.sharing.upload_values,
         };
         let seed = participant_seed(training.data_seed, self.index);
         let mut participant = Participant {
@@ -803,53 +822,114 @@ pub fn evaluate_global(
     training: &TrainingArgs,
     transport: &TransportArgs,
 ) -> anyhow::Result<(f64, u64)> {
-    let address = transport.server.as_str();
-    let (device, splits) = training.prepare()?;
-    let test = splits.test.to_device(device);
-    drop(splits);
-    let mut model = Model::new(training.model, device, training.init_seed);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let retry = RetryPolicy {
-        give_up_after: std::time::Duration::from_secs(30),
-        ..Default::default()
-    };
-    let mut client = {
-        let _guard = runtime.enter();
-        Client::new(
-            address,
-            transport.client_tls()?,
-            EVALUATOR_ID,
-            crate::client::DEFAULT_MAX_MESSAGE_BYTES,
-            retry,
-        )?
-    };
-    let status = runtime.block_on(client.status())?;
-    let Some(served) = status.model else {
-        bail!("the server at {address} has no model yet because no participant has joined it");
-    };
-    let local = crate::dssgd::model_info(&model);
-    if served != local {
-        bail!(
-            "the server serves {} ({} parameters, layout {}), but --model {} has {} parameters, layout {}",
-            served.name,
-            served.parameter_count,
-            served.layout_hash,
-            local.name,
-            local.parameter_count,
-            local.layout_hash
-        );
+    GlobalEvaluator::connect(training, transport)?.evaluate()
+}
+
+/// A connection that evaluates the global model on the test set, as often
+/// as asked, joined as [`EVALUATOR_ID`], a participant that never uploads.
+pub struct GlobalEvaluator {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    model: Model,
+    test: Dataset,
+    address: String,
+    /// Set once the evaluator has joined, which needs a server that already
+    /// has a model.
+    parameter_count: Option<u64>,
+}
+
+impl GlobalEvaluator {
+    /// Loads the test set and prepares a connection to the server; the
+    /// first download joins it.
+    pub fn connect(training: &TrainingArgs, transport: &TransportArgs) -> anyhow::Result<Self> {
+        let (device, splits) = training.prepare()?;
+        let test = splits.test.to_device(device);
+        drop(splits);
+        let model = Model::new(training.model, device, training.init_seed);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let retry = RetryPolicy {
+            give_up_after: std::time::Duration::from_secs(30),
+            ..Default::default()
+        };
+        let client = {
+            let _guard = runtime.enter();
+            Client::new(
+                &transport.server,
+                transport.client_tls()?,
+                EVALUATOR_ID,
+                crate::client::DEFAULT_MAX_MESSAGE_BYTES,
+                retry,
+            )?
+        };
+        Ok(Self {
+            runtime,
+            client,
+            model,
+            test,
+            address: transport.server.clone(),
+            parameter_count: None,
+        })
     }
-    // The evaluator joins like a participant that never uploads; the server
-    // already holds parameters, so the initial ones it sends are ignored.
-    runtime.block_on(client.join(local.clone(), &model.flat_parameters()))?;
-    let parameters = runtime.block_on(client.download(1.0, local.parameter_count))?;
-    model.set_flat_parameters(&parameters.values)?;
-    Ok((
-        crate::train::evaluate(&model, &test, 100),
-        parameters.version,
-    ))
+
+    /// Joins the server once, after checking that it serves this model;
+    /// returns the parameter count.
+    fn join(&mut self) -> anyhow::Result<u64> {
+        if let Some(count) = self.parameter_count {
+            return Ok(count);
+        }
+        let address = &self.address;
+        let status = self.runtime.block_on(self.client.status())?;
+        let Some(served) = status.model else {
+            bail!("the server at {address} has no model yet because no participant has joined it");
+        };
+        let local = crate::dssgd::model_info(&self.model);
+        if served != local {
+            bail!(
+                "the server serves {} ({} parameters, layout {}), but --model {} has {} parameters, layout {}",
+                served.name,
+                served.parameter_count,
+                served.layout_hash,
+                local.name,
+                local.parameter_count,
+                local.layout_hash
+            );
+        }
+        // The evaluator joins like a participant that never uploads. The
+        // server already has parameters, so it ignores the initial ones.
+        let initial = self.model.flat_parameters();
+        self.runtime
+            .block_on(self.client.join(local.clone(), &initial))?;
+        self.parameter_count = Some(local.parameter_count);
+        Ok(local.parameter_count)
+    }
+
+    /// Downloads every global parameter; returns them with the version they
+    /// were read at.
+    pub fn download(&mut self) -> anyhow::Result<(Vec<f32>, u64)> {
+        let count = self.join()?;
+        let parameters = self.runtime.block_on(self.client.download(1.0, count))?;
+        Ok((parameters.values, parameters.version))
+    }
+
+    /// Returns the test accuracy of the model with `parameters`.
+    pub fn accuracy_of(&mut self, parameters: &[f32]) -> anyhow::Result<f64> {
+        self.model.set_flat_parameters(parameters)?;
+        Ok(crate::train::evaluate(&self.model, &self.test, 100))
+    }
+
+    /// Downloads every global parameter and returns the test accuracy and
+    /// the version they were read at.
+    pub fn evaluate(&mut self) -> anyhow::Result<(f64, u64)> {
+        let (parameters, version) = self.download()?;
+        Ok((self.accuracy_of(&parameters)?, version))
+    }
+
+    /// Returns the server's status.
+    pub fn status(&mut self) -> anyhow::Result<dssgd_proto::v1::StatusResponse> {
+        Ok(self.runtime.block_on(self.client.status())?)
+    }
 }
 
 /// Runs the evaluate subcommand.
@@ -1071,6 +1151,40 @@ mod tests {
             let args = training(&["--model", model, "--dataset", dataset]);
             assert!(args.validate().is_ok(), "{model} on {dataset}");
         }
+    }
+
+    /// Parses `collaborate` with `flags` and returns its sharing settings.
+    fn sharing(flags: &[&str]) -> SharingArgs {
+        let mut argv = vec!["dssgd-participant", "collaborate", "--index", "0"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Collaborate(args) => args.sharing,
+            other => panic!("expected collaborate, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn f16_uploads_need_small_gamma() {
+        let default = sharing(&[]);
+        assert_eq!(default.upload_values, UploadValues::F32);
+        let f16 = sharing(&["--upload-values", "f16", "--gamma", "0.01"]);
+        assert_eq!(f16.upload_values, UploadValues::F16);
+        assert!(f16.validate().is_ok());
+        assert!(
+            sharing(&["--upload-values", "f16", "--gamma", "65504"])
+                .validate()
+                .is_ok()
+        );
+        let message = sharing(&["--upload-values", "f16", "--gamma", "70000"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("--gamma 70000"), "{message}");
+        assert!(message.contains("65504"), "{message}");
+        assert!(
+            sharing(&["--gamma", "70000"]).validate().is_ok(),
+            "f32 uploads take any gamma"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use dssgd_common::sparse::{self, SparseSlice};
+use dssgd_common::sparse::{self, IndexEncoding, SliceEncoding, SparseSlice, ValueEncoding};
 use dssgd_proto::v1 as pb;
 use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
 use prost::Message;
@@ -205,6 +205,7 @@ impl Client {
             .tcp_nodelay(true)
             .initial_stream_window_size(dssgd_server::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(dssgd_server::HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(dssgd_server::HTTP2_MAX_FRAME_SIZE)
             // Without pings, a connection whose server vanished (a container
             // that came back under another address) waits forever, because
             // no data is left unacknowledged for TCP to time out.
@@ -331,9 +332,9 @@ impl Client {
             participant_id: self.participant_id.clone(),
             model: Some(model),
             initial_parameters: Some(pb::SparseSlice {
-                indices: Vec::new(),
-                values: sparse::encode_values(initial_parameters),
+                values: sparse::encode_values(initial_parameters).into(),
                 dense: true,
+                ..Default::default()
             }),
         };
         self.with_retry("Join", request, |mut client, request| async move {
@@ -351,6 +352,7 @@ impl Client {
         let request = pb::DownloadRequest {
             participant_id: self.participant_id.clone(),
             theta_d,
+            index_encoding: pb::IndexEncoding::Rice as i32,
         };
         let response = self
             .with_retry(
@@ -366,13 +368,34 @@ impl Client {
         let slice = response
             .parameters
             .ok_or_else(|| invalid("no parameters".into()))?;
+        if slice.value_encoding != pb::ValueEncoding::F32 as i32 {
+            return Err(invalid(format!(
+                "value_encoding {}; parameters are sent as f32 (0)",
+                slice.value_encoding
+            )));
+        }
         let (indices, values) = if slice.dense {
             let values = SparseSlice::decode_dense(&slice.values, parameter_count)
                 .map_err(|error| invalid(error.to_string()))?;
             (None, values)
         } else {
-            let decoded = SparseSlice::decode(&slice.indices, &slice.values, parameter_count)
-                .map_err(|error| invalid(error.to_string()))?;
+            let indices = match pb::IndexEncoding::try_from(slice.index_encoding) {
+                Ok(pb::IndexEncoding::DeltaVarint) => IndexEncoding::DeltaVarint,
+                Ok(pb::IndexEncoding::Rice) => IndexEncoding::Rice,
+                Err(_) => {
+                    return Err(invalid(format!(
+                        "unknown index_encoding {}",
+                        slice.index_encoding
+                    )));
+                }
+            };
+            let encoding = SliceEncoding {
+                indices,
+                values: ValueEncoding::F32,
+            };
+            let decoded =
+                SparseSlice::decode_with(&slice.indices, &slice.values, parameter_count, encoding)
+                    .map_err(|error| invalid(error.to_string()))?;
             (Some(decoded.indices), decoded.values)
         };
         debug!(participant = %self.participant_id, version = response.version, "downloaded");

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use dssgd_common::config::Ordering;
 use dssgd_common::privacy::{DiscreteLaplace, PrivacyError, PrivateUpload};
 use dssgd_common::select::{fraction_count, gather_bounded, select_largest, select_threshold};
-use dssgd_common::sparse;
+use dssgd_common::sparse::{self, ValueEncoding};
 use dssgd_proto::v1 as pb;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,32 @@ pub enum Selection {
     Threshold,
 }
 
+/// Code of uploaded values on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadValues {
+    /// IEEE 754 binary32, four bytes a value.
+    #[default]
+    F32,
+    /// IEEE 754 binary16, two bytes a value: about three significant
+    /// decimal digits, and magnitudes up to 65504, so gamma must not exceed
+    /// that.
+    F16,
+}
+
+impl UploadValues {
+    /// Largest gamma whose bound binary16 can represent.
+    pub const F16_MAX_GAMMA: f64 = 65504.0;
+
+    /// The wire code.
+    pub fn encoding(self) -> ValueEncoding {
+        match self {
+            UploadValues::F32 => ValueEncoding::F32,
+            UploadValues::F16 => ValueEncoding::F16,
+        }
+    }
+}
+
 /// Settings of the collaborative loop.
 #[derive(Clone, Debug, Serialize)]
 pub struct CollaborativeConfig {
@@ -59,6 +85,8 @@ pub struct CollaborativeConfig {
     pub eval_every: usize,
     /// Differentially private upload; `None` uploads without noise.
     pub privacy: Option<PrivacyConfig>,
+    /// Code of uploaded values.
+    pub upload_values: UploadValues,
 }
 
 /// How much privacy each upload spends.
@@ -307,11 +335,7 @@ pub fn run_collaborative<R: Rng>(
             layout_hash: local.layout_hash.clone(),
             gamma: config.gamma,
             theta_u: config.theta_u,
-            changes: Some(pb::SparseSlice {
-                indices: sparse::encode_indices(&indices),
-                values: sparse::encode_values(&values),
-                dense: false,
-            }),
+            changes: Some(encode_changes(&indices, &values, config.upload_values)),
             turn_token: turn.as_ref().map(|t| t.token.clone()).unwrap_or_default(),
             epsilon: private.as_ref().map_or(0.0, |state| state.upload.epsilon),
         };
@@ -470,6 +494,26 @@ impl PrivateState {
             private_uploads: self.uploads,
             ledger: self.ledger.path().display().to_string(),
         }
+    }
+}
+
+/// Packs an upload's changes: Rice-coded indices, which cost about
+/// `log2(1/theta_u) + 1.6` bits each, and values in `values_encoding`.
+fn encode_changes(
+    indices: &[u32],
+    values: &[f32],
+    values_encoding: UploadValues,
+) -> pb::SparseSlice {
+    let value_encoding = values_encoding.encoding();
+    pb::SparseSlice {
+        indices: sparse::encode_indices_rice(indices).into(),
+        values: sparse::encode_values_with(values, value_encoding).into(),
+        dense: false,
+        index_encoding: pb::IndexEncoding::Rice as i32,
+        value_encoding: match value_encoding {
+            ValueEncoding::F32 => pb::ValueEncoding::F32,
+            ValueEncoding::F16 => pb::ValueEncoding::F16,
+        } as i32,
     }
 }
 

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::cli::{SharingArgs, TrainingArgs, participant_seed};
 use crate::data::{Dataset, DatasetKind, Splits};
 use crate::device::DeviceChoice;
-use crate::dssgd::{Participant, Selection, train_alone};
+use crate::dssgd::{Participant, Selection, UploadValues, train_alone};
 use crate::metrics::write_json;
 use crate::model::ModelKind;
 use crate::simulate::{Progress, SimulateArgs, stop_flag};
@@ -150,6 +150,10 @@ pub struct CellSettings {
     /// Privacy spend per released parameter: the spend of an upload divided
     /// by the most parameters it may release.
     pub epsilon_per_parameter: Option<f64>,
+    /// Code of uploaded values. Left out of the serialised settings when it
+    /// is f32, so cells of configurations that predate it keep their ids.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub upload_values: UploadValues,
     /// Local epochs.
     pub epochs: usize,
     /// Learning rate.
@@ -171,6 +175,10 @@ pub struct CellSettings {
     pub standalone_sample: usize,
 }
 
+fn is_f32(values: &UploadValues) -> bool {
+    *values == UploadValues::F32
+}
+
 /// Settings every cell starts from, before `[base]` and the grid.
 fn defaults() -> Map<String, Value> {
     let value = serde_json::json!({
@@ -184,6 +192,7 @@ fn defaults() -> Map<String, Value> {
         "theta_d": 1.0,
         "gamma": 0.0005,
         "tau": 0.0001,
+        "upload_values": "f32",
         "epochs": 60,
         "lr": 0.1,
         "lr_decay": 0.0,
@@ -201,7 +210,7 @@ fn defaults() -> Map<String, Value> {
 }
 
 /// Keys whose values do not change the training of a reference.
-pub const SHARING_KEYS: [&str; 9] = [
+pub const SHARING_KEYS: [&str; 10] = [
     "ordering",
     "theta_u",
     "theta_d",
@@ -210,16 +219,20 @@ pub const SHARING_KEYS: [&str; 9] = [
     "selection",
     "epsilon",
     "epsilon_per_parameter",
+    "upload_values",
     "standalone_sample",
 ];
 
 impl CellSettings {
     /// Returns every setting by its configuration key.
     pub fn to_map(&self) -> Map<String, Value> {
-        match serde_json::to_value(self).expect("settings serialize") {
+        let mut map = match serde_json::to_value(self).expect("settings serialize") {
             Value::Object(map) => map,
             _ => unreachable!("settings are an object"),
-        }
+        };
+        map.entry("upload_values")
+            .or_insert_with(|| serde_json::to_value(self.upload_values).expect("a name"));
+        map
     }
 
     /// Returns the cell's identity: a hash of every setting.
@@ -306,6 +319,7 @@ impl CellSettings {
             epsilon_per_parameter: self.epsilon_per_parameter,
             privacy_budget: None,
             privacy_ledger: None,
+            upload_values: self.upload_values,
         }
     }
 
@@ -448,7 +462,7 @@ enum Kind {
 }
 
 /// The type of every setting, in the order the README lists them.
-const SETTINGS: [(&str, Kind); 23] = [
+const SETTINGS: [(&str, Kind); 24] = [
     ("dataset", Kind::Text),
     ("model", Kind::Text),
     ("participants", Kind::Count),
@@ -463,6 +477,7 @@ const SETTINGS: [(&str, Kind); 23] = [
     ("selection", Kind::Text),
     ("epsilon", Kind::Number),
     ("epsilon_per_parameter", Kind::Number),
+    ("upload_values", Kind::Text),
     ("epochs", Kind::Count),
     ("lr", Kind::Number),
     ("lr_decay", Kind::Number),
@@ -769,6 +784,7 @@ fn run_collaborative_cell(
         skip_baselines: true,
         no_download: true,
         participants_per_process: per_process,
+        global_curve: false,
     };
     let summary = crate::simulate::run(&simulate, &mut |p: &Progress| {
         let fraction = if p.total == 0 {
@@ -1467,6 +1483,75 @@ theta_u = 0.1
             "[experiment]\nname = \"t\"\nreferences = false\n[[grid]]\ntheta_u = [0.1, 0.01]\n";
         let experiment = parse(text, "x.toml").unwrap();
         assert_eq!(experiment.cells.len(), 2);
+    }
+
+    #[test]
+    fn upload_values_cells_keep_f32_ids() {
+        let text = "[experiment]\nname = \"t\"\n[[grid]]\nupload_values = [\"f32\", \"f16\"]\n";
+        let experiment = parse(text, "x.toml").unwrap();
+        let collaborative: Vec<&CellSettings> = experiment
+            .cells
+            .iter()
+            .filter(|cell| cell.method == Method::Collaborative)
+            .collect();
+        assert_eq!(collaborative.len(), 2, "one cell per value encoding");
+        assert_eq!(
+            experiment.cells.len(),
+            4,
+            "plus one standalone and one centralized"
+        );
+        // A configuration without the key names the f32 cell the same way,
+        // so results kept from before the key existed are found again.
+        let plain = parse("[experiment]\nname = \"t\"\n", "x.toml").unwrap();
+        let plain_collaborative = plain
+            .cells
+            .iter()
+            .find(|cell| cell.method == Method::Collaborative)
+            .unwrap();
+        let f32_cell = collaborative
+            .iter()
+            .find(|cell| cell.upload_values == UploadValues::F32)
+            .unwrap();
+        assert_eq!(f32_cell.id(), plain_collaborative.id());
+        let f16_cell = collaborative
+            .iter()
+            .find(|cell| cell.upload_values == UploadValues::F16)
+            .unwrap();
+        assert_ne!(f16_cell.id(), f32_cell.id());
+        assert_eq!(f16_cell.to_map()["upload_values"], "f16");
+        assert_eq!(f32_cell.to_map()["upload_values"], "f32");
+        let error = format!(
+            "{:#}",
+            parse(
+                "[experiment]\nname = \"t\"\n[base]\nupload_values = \"f8\"\n",
+                "x.toml"
+            )
+            .unwrap_err()
+        );
+        assert!(error.contains("f8"), "{error}");
+    }
+
+    #[test]
+    fn published_experiments_keep_their_cell_ids() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/experiments");
+        for name in ["paper-mnist-mlp", "paper-private", "non-iid"] {
+            let folder = root.join(name);
+            let config = std::fs::read_to_string(folder.join("experiment.toml")).unwrap();
+            let csv = std::fs::read_to_string(folder.join("cells.csv")).unwrap();
+            let published: BTreeSet<&str> = csv
+                .lines()
+                .skip(1)
+                .filter_map(|line| line.split(',').next())
+                .collect();
+            let experiment = parse(&config, name).unwrap();
+            for cell in &experiment.cells {
+                assert!(
+                    published.contains(cell.id().as_str()),
+                    "{name}: cell {} is not among the published ones",
+                    cell.id()
+                );
+            }
+        }
     }
 
     #[test]

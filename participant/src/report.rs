@@ -13,7 +13,7 @@ use crate::metrics::{significant, write_json};
 use crate::plot::{Chart, Line, Series, render};
 
 /// Columns of `cells.csv`, in order.
-pub const CSV_COLUMNS: [&str; 37] = [
+pub const CSV_COLUMNS: [&str; 38] = [
     "id",
     "method",
     "status",
@@ -30,6 +30,7 @@ pub const CSV_COLUMNS: [&str; 37] = [
     "selection",
     "epsilon",
     "epsilon_per_parameter",
+    "upload_values",
     "epochs",
     "lr",
     "lr_decay",
@@ -171,7 +172,7 @@ fn csv_row(
     ];
     // The settings columns run from "dataset" to "seed"; "partition" is
     // derived from dirichlet_alpha.
-    for &key in &CSV_COLUMNS[3..23] {
+    for &key in &CSV_COLUMNS[3..24] {
         row.push(match key {
             "partition" => partition(cell),
             key => setting(key),

@@ -69,6 +69,14 @@ pub struct SimulateArgs {
     /// saves the memory of one libtorch and test set per participant.
     #[arg(long, env = "DSSGD_PARTICIPANTS_PER_PROCESS", default_value_t = 0)]
     pub participants_per_process: usize,
+
+    /// After every round of uploads (one per participant), download the
+    /// global model and record its test accuracy with the time and the
+    /// payload bytes so far in summary.json (`global_curve`). The snapshots
+    /// are kept in memory (4 bytes a parameter each) and evaluated after
+    /// the run, so the participants lose no time to them.
+    #[arg(long, env = "DSSGD_GLOBAL_CURVE")]
+    pub global_curve: bool,
 }
 
 /// Most participant processes `simulate` starts when it chooses how many
@@ -140,8 +148,39 @@ pub struct Summary {
     /// Peak resident memory of one participant process divided by the
     /// participants it hosted, the largest over processes, in bytes.
     pub peak_rss_per_participant_bytes: Option<u64>,
+    /// The global model's accuracy after each round of uploads, with
+    /// `--global-curve`; empty otherwise.
+    pub global_curve: Vec<GlobalPoint>,
     /// Every setting of the run.
     pub config: SimulateArgs,
+}
+
+/// The global model at one moment of a simulation.
+#[derive(Clone, Debug, Serialize)]
+pub struct GlobalPoint {
+    /// Seconds since the server started.
+    pub seconds: f64,
+    /// Uploads applied so far.
+    pub uploads: u64,
+    /// Version of the evaluated parameters.
+    pub version: u64,
+    /// Test accuracy of the global parameters.
+    pub accuracy: f64,
+    /// Payload bytes (indices and values) of the participants' applied
+    /// uploads so far.
+    pub uploaded_bytes: u64,
+    /// Payload bytes of the participants' downloads so far; the curve's own
+    /// downloads are left out.
+    pub downloaded_bytes: u64,
+}
+
+impl Summary {
+    /// Returns the first point of the global curve at or above `accuracy`.
+    pub fn first_reaching(&self, accuracy: f64) -> Option<&GlobalPoint> {
+        self.global_curve
+            .iter()
+            .find(|point| point.accuracy >= accuracy)
+    }
 }
 
 /// Privacy spend over the simulated federation.
@@ -245,6 +284,10 @@ fn sharing_flags(sharing: &SharingArgs) -> Vec<String> {
     if let Some(budget) = sharing.privacy_budget {
         pairs.push(("--privacy-budget", budget.to_string()));
     }
+    pairs.push((
+        "--upload-values",
+        sharing.upload_values.encoding().name().to_string(),
+    ));
     pairs
         .into_iter()
         .flat_map(|(flag, value)| [flag.to_string(), value])
@@ -471,11 +514,17 @@ pub fn run(args: &SimulateArgs, on_progress: &mut dyn FnMut(&Progress)) -> anyho
     }
 
     let observer = client_transport(&address, &tls_dir, OBSERVER_ID);
+    let mut curve = if args.global_curve {
+        Some(GlobalCurve::start(training, &observer, started)?)
+    } else {
+        None
+    };
     let status = wait_with_progress(
         args,
         &observer,
         &mut participants,
         &mut baselines,
+        curve.as_mut(),
         on_progress,
     )?;
     let (global_accuracy, version) = crate::cli::evaluate_global(training, &observer)?;
@@ -484,6 +533,9 @@ pub fn run(args: &SimulateArgs, on_progress: &mut dyn FnMut(&Progress)) -> anyho
     let mut summary = summarise(args, &results, started.elapsed())?;
     summary.global_accuracy = global_accuracy;
     summary.global_version = version;
+    if let Some(curve) = curve {
+        summary.global_curve = curve.finish()?;
+    }
     if let (Some(privacy), Some(status)) = (&mut summary.privacy, status) {
         privacy.server_epsilon_max = status
             .participants
@@ -497,14 +549,81 @@ pub fn run(args: &SimulateArgs, on_progress: &mut dyn FnMut(&Progress)) -> anyho
     Ok(summary)
 }
 
+/// The global model after each round of uploads. During the run only the
+/// parameters are downloaded and kept, which takes a millisecond or two.
+/// The test set is evaluated once the federation has finished, so the
+/// evaluations take no time from the participants.
+struct GlobalCurve {
+    evaluator: crate::cli::GlobalEvaluator,
+    started: Instant,
+    /// Uploads after which the next snapshot is taken.
+    next: u64,
+    snapshots: Vec<(GlobalPoint, Vec<f32>)>,
+}
+
+impl GlobalCurve {
+    /// Loads the test set and prepares the connection to the server.
+    fn start(
+        training: &TrainingArgs,
+        observer: &TransportArgs,
+        started: Instant,
+    ) -> anyhow::Result<Self> {
+        let evaluator = crate::cli::GlobalEvaluator::connect(training, observer)
+            .context("failed to start the global curve's evaluator")?;
+        Ok(Self {
+            evaluator,
+            started,
+            next: training.participants as u64,
+            snapshots: Vec::new(),
+        })
+    }
+
+    /// Keeps a snapshot of the global parameters if a round of
+    /// `participants` uploads has passed since the last one.
+    fn observe(&mut self, uploads: u64, participants: u64) -> anyhow::Result<()> {
+        if uploads < self.next {
+            return Ok(());
+        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        let (parameters, version) = self.evaluator.download()?;
+        let status = self.evaluator.status()?;
+        // Each snapshot downloaded the whole model as f32; the server counts
+        // those downloads with the participants'.
+        let own_bytes = (self.snapshots.len() as u64 + 1) * 4 * parameters.len() as u64;
+        let uploads = status.participants.iter().map(|p| p.uploads).sum();
+        let point = GlobalPoint {
+            seconds,
+            uploads,
+            version,
+            accuracy: f64::NAN,
+            uploaded_bytes: status.uploaded_bytes,
+            downloaded_bytes: status.downloaded_bytes.saturating_sub(own_bytes),
+        };
+        self.snapshots.push((point, parameters));
+        self.next = (uploads / participants + 1) * participants;
+        Ok(())
+    }
+
+    /// Evaluates every snapshot on the test set.
+    fn finish(mut self) -> anyhow::Result<Vec<GlobalPoint>> {
+        let mut points = Vec::with_capacity(self.snapshots.len());
+        for (mut point, parameters) in std::mem::take(&mut self.snapshots) {
+            point.accuracy = self.evaluator.accuracy_of(&parameters)?;
+            points.push(point);
+        }
+        Ok(points)
+    }
+}
+
 /// Waits for every child, showing the federation's progress from the
-/// server's upload count. Fails with the log path of the first child that
-/// exits with an error.
+/// server's upload count, and records the global curve when asked. Fails
+/// with the log path of the first child that exits with an error.
 fn wait_with_progress(
     args: &SimulateArgs,
     observer: &TransportArgs,
     participants: &mut [Managed],
     baselines: &mut [Managed],
+    mut curve: Option<&mut GlobalCurve>,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> anyhow::Result<Option<dssgd_proto::v1::StatusResponse>> {
     let total = (args.training.participants * args.training.epochs) as u64;
@@ -557,12 +676,18 @@ fn wait_with_progress(
                 total,
                 message: format!("version {}{waiting}", status.version),
             });
+            if let Some(curve) = curve.as_deref_mut() {
+                curve.observe(uploads, args.training.participants as u64)?;
+            }
             last_status = Some(status);
         }
         if running.is_empty() {
             return Ok(last_status);
         }
-        std::thread::sleep(Duration::from_millis(500));
+        // A round of uploads can take well under a second, so the curve
+        // looks more often.
+        let pause = if curve.is_some() { 50 } else { 500 };
+        std::thread::sleep(Duration::from_millis(pause));
     }
 }
 
@@ -647,6 +772,7 @@ fn summarise(args: &SimulateArgs, results: &Path, elapsed: Duration) -> anyhow::
         stopped_early,
         participants_per_process: args.per_process().min(args.training.participants),
         peak_rss_per_participant_bytes: peak_per_participant,
+        global_curve: Vec::new(),
         config: args.clone(),
     })
 }
@@ -708,6 +834,19 @@ fn print_summary(summary: &Summary) {
             "  memory: {:.0} MiB peak per participant ({} per process)",
             bytes as f64 / (1 << 20) as f64,
             summary.participants_per_process
+        );
+    }
+    if let Some(best) = summary
+        .global_curve
+        .iter()
+        .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
+    {
+        println!(
+            "  global curve: {} points in summary.json; best {:.4} at {:.1} s ({} uploads)",
+            summary.global_curve.len(),
+            best.accuracy,
+            best.seconds,
+            best.uploads
         );
     }
     for line in &summary.stopped_early {

@@ -29,7 +29,7 @@ use dssgd_common::sparse::{SparseSlice, encode_indices, encode_values};
 use dssgd_proto::v1 as pb;
 use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
 use dssgd_server::durable::{DurableOptions, StateError};
-use dssgd_server::store::{ModelInfo, Upload};
+use dssgd_server::store::{Changes, ModelInfo, Upload};
 use dssgd_server::{ServerConfig, Store};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -123,7 +123,7 @@ fn bench_store(mode: Mode, theta_u: f64, uploads: usize) {
             participant: "p0".into(),
             upload_id: id as u64 + 1,
             base_version: 0,
-            changes,
+            changes: Changes::Sparse(changes),
             epsilon: 0.0,
         };
         store.apply(&upload).expect("the upload is applied");
@@ -169,9 +169,10 @@ async fn bench_grpc(mode: Mode, theta_u: f64, clients: usize, uploads_per_client
                     gamma: GAMMA,
                     theta_u,
                     changes: Some(pb::SparseSlice {
-                        indices: encode_indices(&changes.indices),
-                        values: encode_values(&changes.values),
+                        indices: encode_indices(&changes.indices).into(),
+                        values: encode_values(&changes.values).into(),
                         dense: false,
+                        ..Default::default()
                     }),
                     turn_token: String::new(),
                     epsilon: 0.0,

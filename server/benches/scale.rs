@@ -18,7 +18,7 @@ use std::time::Instant;
 use dssgd_common::select::fraction_count;
 use dssgd_common::sparse::SparseSlice;
 use dssgd_server::Store;
-use dssgd_server::store::{ModelInfo, Upload};
+use dssgd_server::store::{Changes, ModelInfo, Upload};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -79,7 +79,7 @@ fn by_model_size() {
                 participant: "p0".into(),
                 upload_id: id as u64 + 1,
                 base_version: 0,
-                changes: changes(&mut rng, n, count),
+                changes: Changes::Sparse(changes(&mut rng, n, count)),
                 epsilon: 0.0,
             };
             let started = Instant::now();
@@ -136,7 +136,7 @@ fn by_participants() {
                 participant: format!("p{}", k % participants),
                 upload_id: (k / participants) as u64 + 1,
                 base_version: 0,
-                changes,
+                changes: Changes::Sparse(changes),
                 epsilon: 0.0,
             };
             store.apply(&upload).expect("the upload is applied");

@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use dssgd_common::select::fraction_count;
-use dssgd_common::sparse::{encode_indices, encode_values};
+use dssgd_common::sparse::{
+    IndexEncoding, SliceEncoding, SparseSlice, ValueEncoding, encode_values,
+};
 use dssgd_proto::bench::v1 as bench;
 use dssgd_proto::bench::v1::baseline_client::BaselineClient;
 use dssgd_proto::bench::v1::baseline_server::{Baseline, BaselineServer};
@@ -86,6 +88,32 @@ fn repeats() -> usize {
         .unwrap_or(5)
 }
 
+/// The figures named on the command line (`ingest`, `bulk`, `latency`,
+/// `overhead`, `wire`); none named means all of them. Flags that cargo
+/// passes to every bench binary, such as `--bench`, are ignored.
+struct Figures(Vec<String>);
+
+impl Figures {
+    fn wants(&self, figure: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|name| name == figure)
+    }
+}
+
+fn chosen_figures() -> Figures {
+    const KNOWN: [&str; 5] = ["ingest", "bulk", "latency", "overhead", "wire"];
+    let names: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
+    for name in &names {
+        assert!(
+            KNOWN.contains(&name.as_str()),
+            "unknown figure {name:?}; expected some of {KNOWN:?}"
+        );
+    }
+    Figures(names)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -95,7 +123,7 @@ fn model(n: usize) -> ModelInfo {
     ModelInfo {
         name: "mlp".into(),
         parameter_count: n as u64,
-        layout_hash: "bench".into(),
+        layout_hash: "0123456789abcdef".into(),
     }
 }
 
@@ -134,6 +162,7 @@ async fn start_bare() -> String {
         tonic::transport::Server::builder()
             .initial_stream_window_size(dssgd_server::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(dssgd_server::HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(dssgd_server::HTTP2_MAX_FRAME_SIZE)
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
@@ -147,6 +176,7 @@ async fn channel(address: &str) -> Channel {
         .tcp_nodelay(true)
         .initial_stream_window_size(dssgd_server::HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(dssgd_server::HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(dssgd_server::HTTP2_MAX_FRAME_SIZE)
         .connect()
         .await
         .expect("the bench server accepts connections")
@@ -164,13 +194,31 @@ fn bare(channel: Channel) -> BaselineClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE)
 }
 
-/// Builds a sparse upload of `count` random changes out of `n`.
+/// Builds a sparse upload of `count` random changes out of `n`, encoded
+/// as the participant encodes them: Rice-coded indices and f32 values.
 fn upload(
     rng: &mut ChaCha8Rng,
     participant: usize,
     id: u64,
     n: usize,
     count: usize,
+) -> pb::UploadRequest {
+    let participant_encoding = SliceEncoding {
+        indices: IndexEncoding::Rice,
+        values: ValueEncoding::F32,
+    };
+    upload_with(rng, participant, id, n, count, participant_encoding)
+}
+
+/// Builds a sparse upload of `count` random changes out of `n` in
+/// `encoding`.
+fn upload_with(
+    rng: &mut ChaCha8Rng,
+    participant: usize,
+    id: u64,
+    n: usize,
+    count: usize,
+    encoding: SliceEncoding,
 ) -> pb::UploadRequest {
     let mut indices: Vec<u32> = sample(rng, n, count)
         .into_iter()
@@ -181,17 +229,27 @@ fn upload(
         .iter()
         .map(|_| rng.random_range(-GAMMA as f32..GAMMA as f32))
         .collect();
+    let slice = SparseSlice { indices, values };
+    let (indices, values) = slice.encode_with(encoding);
     pb::UploadRequest {
         participant_id: format!("p{participant}"),
         upload_id: id,
         base_version: 0,
-        layout_hash: "bench".into(),
+        layout_hash: "0123456789abcdef".into(),
         gamma: GAMMA,
         theta_u: (count as f64 / n as f64).min(1.0),
         changes: Some(pb::SparseSlice {
-            indices: encode_indices(&indices),
-            values: encode_values(&values),
+            indices: indices.into(),
+            values: values.into(),
             dense: false,
+            index_encoding: match encoding.indices {
+                IndexEncoding::DeltaVarint => pb::IndexEncoding::DeltaVarint,
+                IndexEncoding::Rice => pb::IndexEncoding::Rice,
+            } as i32,
+            value_encoding: match encoding.values {
+                ValueEncoding::F32 => pb::ValueEncoding::F32,
+                ValueEncoding::F16 => pb::ValueEncoding::F16,
+            } as i32,
         }),
         turn_token: String::new(),
         epsilon: 0.0,
@@ -205,13 +263,13 @@ fn dense_upload(participant: usize, id: u64, n: usize) -> pb::UploadRequest {
         participant_id: format!("p{participant}"),
         upload_id: id,
         base_version: 0,
-        layout_hash: "bench".into(),
+        layout_hash: "0123456789abcdef".into(),
         gamma: GAMMA,
         theta_u: 1.0,
         changes: Some(pb::SparseSlice {
-            indices: Vec::new(),
-            values: encode_values(&values),
+            values: encode_values(&values).into(),
             dense: true,
+            ..Default::default()
         }),
         turn_token: String::new(),
         epsilon: 0.0,
@@ -352,6 +410,7 @@ async fn bulk_transfer(repeats: usize) {
                 .download_parameters(pb::DownloadRequest {
                     participant_id: "p0".into(),
                     theta_d: 1.0,
+                    ..Default::default()
                 })
                 .await
                 .expect("the download succeeds")
@@ -574,7 +633,20 @@ async fn start_relay(
     address
 }
 
-/// Bytes on the wire per uploaded parameter at several densities.
+/// Bits per index of the best possible code for a uniformly random choice
+/// of `k` of `n` indices: log2(n choose k) / k.
+fn entropy_bits_per_index(n: usize, k: usize) -> f64 {
+    let log2_choose: f64 = (0..k)
+        .map(|i| ((n - i) as f64 / (k - i) as f64).log2())
+        .sum();
+    log2_choose / k as f64
+}
+
+/// Bytes on the wire per uploaded parameter at several densities and
+/// encodings. The participant's encoding (Rice, f32) is the figure; the
+/// others show what the index code and f16 values change. The last
+/// columns split an upload into values, indices and the rest (the
+/// request's other fields, gRPC and HTTP/2 framing).
 async fn wire_efficiency() {
     const UPLOADS: usize = 50;
     let server = start_server(MLP, 1).await;
@@ -584,36 +656,60 @@ async fn wire_efficiency() {
         .expect("a socket address");
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut next_id = 1u64;
+    println!();
+    println!(
+        "| density | indices | values | wire B per parameter | ratio to 4 B | target | verdict | value B | index B | entropy bound, index B | other B per upload |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let encodings = [
+        (IndexEncoding::Rice, ValueEncoding::F32),
+        (IndexEncoding::DeltaVarint, ValueEncoding::F32),
+        (IndexEncoding::Rice, ValueEncoding::F16),
+    ];
     for density in [0.001, 0.01, 0.1] {
-        let upstream = Arc::new(AtomicU64::new(0));
-        let relay = start_relay(target, Arc::clone(&upstream)).await;
-        let mut client = ours(channel(&format!("http://{relay}")).await);
         let count = fraction_count(density, MLP);
-        let requests: Vec<pb::UploadRequest> = (0..UPLOADS)
-            .map(|k| upload(&mut rng, 0, next_id + k as u64, MLP, count))
-            .collect();
-        next_id += UPLOADS as u64;
-        let encoded: usize = requests.iter().map(Message::encoded_len).sum();
-        // The connection's preface and settings are counted once, as a
-        // participant that keeps its connection pays them once.
-        for request in requests {
-            client
-                .upload_gradients(request)
-                .await
-                .expect("the upload is applied");
+        for (indices, values) in encodings {
+            let encoding = SliceEncoding { indices, values };
+            let upstream = Arc::new(AtomicU64::new(0));
+            let relay = start_relay(target, Arc::clone(&upstream)).await;
+            let mut client = ours(channel(&format!("http://{relay}")).await);
+            let requests: Vec<pb::UploadRequest> = (0..UPLOADS)
+                .map(|k| upload_with(&mut rng, 0, next_id + k as u64, MLP, count, encoding))
+                .collect();
+            next_id += UPLOADS as u64;
+            let payload = |part: fn(&pb::SparseSlice) -> usize| -> f64 {
+                let total: usize = requests
+                    .iter()
+                    .map(|request| request.changes.as_ref().map_or(0, part))
+                    .sum();
+                total as f64 / (UPLOADS * count) as f64
+            };
+            let value_bytes = payload(|slice| slice.values.len());
+            let index_bytes = payload(|slice| slice.indices.len());
+            // The connection's preface and settings are counted once, as a
+            // participant that keeps its connection pays them once.
+            for request in requests {
+                client
+                    .upload_gradients(request)
+                    .await
+                    .expect("the upload is applied");
+            }
+            let wire = upstream.load(AtomicOrdering::Relaxed) as f64;
+            let per_parameter = wire / (UPLOADS * count) as f64;
+            let other = (per_parameter - value_bytes - index_bytes) * count as f64;
+            let ratio = per_parameter / 4.0;
+            let participant_default =
+                indices == IndexEncoding::Rice && values == ValueEncoding::F32;
+            let (target, verdict) = match (participant_default, ratio <= 1.5) {
+                (true, true) => ("<= 1.5", "met"),
+                (true, false) => ("<= 1.5", "missed"),
+                (false, _) => ("-", "-"),
+            };
+            println!(
+                "| {density} ({count} of 109,386) | {indices:?} | {values:?} | {per_parameter:.3} | {ratio:.3} | {target} | {verdict} | {value_bytes:.3} | {index_bytes:.3} | {:.3} | {other:.0} |",
+                entropy_bits_per_index(MLP, count) / 8.0,
+            );
         }
-        let wire = upstream.load(AtomicOrdering::Relaxed) as f64;
-        let per_parameter = wire / (UPLOADS * count) as f64;
-        println!(
-            "| 7. wire bytes per uploaded parameter, density {density} ({count} of 109,386) | {per_parameter:.3} B | 4 B (the f32 value) | {:.3} | <= 1.5 | {} | protobuf alone {:.3} B |",
-            per_parameter / 4.0,
-            if per_parameter / 4.0 <= 1.5 {
-                "met"
-            } else {
-                "missed"
-            },
-            encoded as f64 / (UPLOADS * count) as f64
-        );
     }
 }
 
@@ -630,12 +726,23 @@ fn main() {
     println!();
     println!("| figure | server | reference | ratio | target | verdict |");
     println!("|---|---|---|---|---|---|");
+    let chosen = chosen_figures();
     runtime.block_on(async {
-        sparse_ingest(repeats).await;
-        bulk_transfer(repeats).await;
-        small_call_latency(repeats).await;
-        server_overhead(repeats).await;
-        wire_efficiency().await;
+        if chosen.wants("ingest") {
+            sparse_ingest(repeats).await;
+        }
+        if chosen.wants("bulk") {
+            bulk_transfer(repeats).await;
+        }
+        if chosen.wants("latency") {
+            small_call_latency(repeats).await;
+        }
+        if chosen.wants("overhead") {
+            server_overhead(repeats).await;
+        }
+        if chosen.wants("wire") {
+            wire_efficiency().await;
+        }
     });
     // Give the spawned servers no chance to hold the process open.
     runtime.shutdown_timeout(Duration::from_millis(100));

@@ -904,7 +904,7 @@ mod tests {
             participant: participant.into(),
             upload_id: id,
             base_version: 0,
-            changes: SparseSlice { indices, values },
+            changes: crate::store::Changes::Sparse(SparseSlice { indices, values }),
             epsilon: if id.is_multiple_of(2) { 0.5 } else { 0.0 },
         }
     }

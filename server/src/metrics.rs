@@ -223,6 +223,16 @@ impl Metrics {
         self.downloaded_bytes.inc_by(bytes as u64);
     }
 
+    /// Payload bytes of the applied uploads so far.
+    pub fn uploaded_bytes(&self) -> u64 {
+        self.uploaded_bytes.get()
+    }
+
+    /// Payload bytes of the downloads so far.
+    pub fn downloaded_bytes(&self) -> u64 {
+        self.downloaded_bytes.get()
+    }
+
     /// Copies the store's current values into the gauges and returns the
     /// OpenMetrics text.
     pub fn render(&self, store: &Store) -> String {
@@ -307,10 +317,10 @@ mod tests {
                 participant: "p1".into(),
                 upload_id: 1,
                 base_version: 0,
-                changes: SparseSlice {
+                changes: crate::store::Changes::Sparse(SparseSlice {
                     indices: vec![0, 2],
                     values: vec![0.1, 0.2],
-                },
+                }),
                 epsilon: 0.5,
             })
             .unwrap();

@@ -10,7 +10,7 @@ use dssgd_common::config::{
     check_unit_open_closed,
 };
 use dssgd_common::select::fraction_count;
-use dssgd_common::sparse::{self, SparseSlice};
+use dssgd_common::sparse::{IndexEncoding, SliceEncoding, SparseSlice, ValueEncoding};
 use dssgd_proto::v1 as pb;
 use dssgd_proto::v1::parameter_server_server::ParameterServer;
 use parking_lot::Mutex;
@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::ServerConfig;
 use crate::error::ServerError;
 use crate::metrics::Metrics;
-use crate::store::{ModelInfo, Store, Upload};
+use crate::store::{Changes, ModelInfo, Store, Upload};
 use crate::turns::Turns;
 
 /// Largest encoded upload, in bytes, that the in-memory store applies on
@@ -116,10 +116,22 @@ impl Service {
             });
         }
         let initial = match (self.store.model(), request.initial_parameters) {
-            (None, Some(slice)) if slice.dense => Some(SparseSlice::decode_dense(
-                &slice.values,
-                model.parameter_count,
-            )?),
+            (None, Some(slice)) if slice.dense => {
+                let encoding = slice_encoding("initial_parameters", &slice)?;
+                if encoding.values != ValueEncoding::F32 {
+                    return Err(ServerError::InvalidField {
+                        field: "initial_parameters.value_encoding",
+                        reason: format!(
+                            "{} values; initial parameters must be sent as f32",
+                            encoding.values.name()
+                        ),
+                    });
+                }
+                Some(SparseSlice::decode_dense(
+                    &slice.values,
+                    model.parameter_count,
+                )?)
+            }
             _ => None,
         };
         let (record, version, initialized) = self.store.join(participant, &model, initial)?;
@@ -142,27 +154,23 @@ impl Service {
     ) -> Result<pb::DownloadResponse, ServerError> {
         self.check_registered(&request.participant_id)?;
         let theta_d = check_unit_closed("theta_d", request.theta_d)?;
-        let download = self.store.download(theta_d)?;
+        let index_encoding = index_encoding("index_encoding", request.index_encoding)?;
+        let download = self.store.download_encoded(theta_d, index_encoding)?;
         debug!(
             participant = %request.participant_id,
             version = download.version,
-            parameters = download.values.len(),
+            parameters = download.count,
             "download"
         );
-        let parameters = match &download.indices {
-            None => pb::SparseSlice {
-                indices: Vec::new(),
-                values: sparse::encode_values(&download.values),
-                dense: true,
-            },
-            Some(indices) => pb::SparseSlice {
-                indices: sparse::encode_indices(indices),
-                values: sparse::encode_values(&download.values),
-                dense: false,
-            },
+        let parameters = pb::SparseSlice {
+            dense: download.indices.is_none(),
+            indices: download.indices.unwrap_or_default().into(),
+            values: download.values.into(),
+            index_encoding: to_proto_index_encoding(index_encoding) as i32,
+            value_encoding: pb::ValueEncoding::F32 as i32,
         };
         let bytes = parameters.indices.len() + parameters.values.len();
-        self.metrics.download(download.values.len(), bytes);
+        self.metrics.download(download.count, bytes);
         Ok(pb::DownloadResponse {
             version: download.version,
             parameters: Some(parameters),
@@ -199,7 +207,7 @@ impl Service {
             .changes
             .as_ref()
             .map_or(0, |slice| slice.indices.len() + slice.values.len());
-        let changes = decode_changes(request.changes, model.parameter_count)?;
+        let (changes, value_encoding) = decode_changes(request.changes, model.parameter_count)?;
         let n = model.parameter_count as usize;
         let allowed = fraction_count(theta_u, n);
         if changes.len() > allowed {
@@ -210,7 +218,7 @@ impl Service {
                 parameter_count: n,
             });
         }
-        changes.check_bound(gamma)?;
+        changes.check_bound(gamma, value_encoding)?;
         if self.config.ordering.uses_turns() {
             self.turns.check(&participant, &request.turn_token)?;
         }
@@ -345,15 +353,60 @@ impl Service {
                 })
                 .collect(),
             total_updates: status.total_updates,
+            uploaded_bytes: self.metrics.uploaded_bytes(),
+            downloaded_bytes: self.metrics.downloaded_bytes(),
         }
     }
 }
 
+/// Reads the codes of a slice's payloads; an unknown code is rejected
+/// rather than read as the default.
+fn slice_encoding(
+    field: &'static str,
+    slice: &pb::SparseSlice,
+) -> Result<SliceEncoding, ServerError> {
+    let indices = index_encoding(field, slice.index_encoding)?;
+    let values = match pb::ValueEncoding::try_from(slice.value_encoding) {
+        Ok(pb::ValueEncoding::F32) => ValueEncoding::F32,
+        Ok(pb::ValueEncoding::F16) => ValueEncoding::F16,
+        Err(_) => {
+            return Err(ServerError::InvalidField {
+                field,
+                reason: format!(
+                    "unknown value_encoding {}; expected 0 (f32) or 1 (f16)",
+                    slice.value_encoding
+                ),
+            });
+        }
+    };
+    Ok(SliceEncoding { indices, values })
+}
+
+fn index_encoding(field: &'static str, code: i32) -> Result<IndexEncoding, ServerError> {
+    match pb::IndexEncoding::try_from(code) {
+        Ok(pb::IndexEncoding::DeltaVarint) => Ok(IndexEncoding::DeltaVarint),
+        Ok(pb::IndexEncoding::Rice) => Ok(IndexEncoding::Rice),
+        Err(_) => Err(ServerError::InvalidField {
+            field,
+            reason: format!("unknown index_encoding {code}; expected 0 (delta varint) or 1 (Rice)"),
+        }),
+    }
+}
+
+fn to_proto_index_encoding(encoding: IndexEncoding) -> pb::IndexEncoding {
+    match encoding {
+        IndexEncoding::DeltaVarint => pb::IndexEncoding::DeltaVarint,
+        IndexEncoding::Rice => pb::IndexEncoding::Rice,
+    }
+}
+
+/// Decodes an upload's changes; returns them with the code of their values.
 fn decode_changes(
     slice: Option<pb::SparseSlice>,
     parameter_count: u64,
-) -> Result<SparseSlice, ServerError> {
+) -> Result<(Changes, ValueEncoding), ServerError> {
     let slice = slice.ok_or(ServerError::MissingField("changes"))?;
+    let encoding = slice_encoding("changes", &slice)?;
     if slice.dense {
         if !slice.indices.is_empty() {
             return Err(ServerError::InvalidField {
@@ -364,17 +417,13 @@ fn decode_changes(
                 ),
             });
         }
-        let values = SparseSlice::decode_dense(&slice.values, parameter_count)?;
-        return Ok(SparseSlice {
-            indices: (0..parameter_count as u32).collect(),
-            values,
-        });
+        let values =
+            SparseSlice::decode_dense_with(&slice.values, parameter_count, encoding.values)?;
+        return Ok((Changes::Dense(values), encoding.values));
     }
-    Ok(SparseSlice::decode(
-        &slice.indices,
-        &slice.values,
-        parameter_count,
-    )?)
+    let changes =
+        SparseSlice::decode_with(&slice.indices, &slice.values, parameter_count, encoding)?;
+    Ok((Changes::Sparse(changes), encoding.values))
 }
 
 fn to_proto_model(model: &ModelInfo) -> pb::ModelInfo {
@@ -602,9 +651,9 @@ mod tests {
                 layout_hash: "abc".into(),
             }),
             initial_parameters: Some(pb::SparseSlice {
-                indices: Vec::new(),
-                values: sparse::encode_values(&[0.0; 4]),
+                values: dssgd_common::sparse::encode_values(&[0.0; 4]).into(),
                 dense: true,
+                ..Default::default()
             }),
         }
     }

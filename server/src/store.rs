@@ -6,13 +6,17 @@
 //! ([`Store::open_durable`]). A durable store commits every change to its
 //! database before it changes the memory, so what a call returns is on disk.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use dssgd_common::config::Ordering;
 use dssgd_common::select::{fraction_count, top_k_by_key};
-use dssgd_common::sparse::SparseSlice;
+use dssgd_common::sparse::{
+    IndexEncoding, SparseError, SparseSlice, ValueEncoding, encode_f64_as_f32, encode_indices_with,
+    encode_values,
+};
 use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
 
 use crate::durable::{DurableOptions, DurableState, StateError};
@@ -63,11 +67,123 @@ pub struct Upload {
     pub upload_id: u64,
     /// The version the participant last downloaded.
     pub base_version: u64,
-    /// Changes to add: sorted unique indices and their values.
-    pub changes: SparseSlice,
+    /// Changes to add.
+    pub changes: Changes,
     /// Privacy spend the participant declares for this upload (0 without
     /// noise).
     pub epsilon: f64,
+}
+
+/// The parameter changes of a validated upload.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Changes {
+    /// Changes of some parameters: sorted unique indices and their values.
+    Sparse(SparseSlice),
+    /// One change for every parameter, index 0 first. A dense upload keeps
+    /// no index list, so it is checked and applied in single passes.
+    Dense(Vec<f32>),
+}
+
+impl Changes {
+    /// Number of changed parameters.
+    pub fn len(&self) -> usize {
+        match self {
+            Changes::Sparse(slice) => slice.len(),
+            Changes::Dense(values) => values.len(),
+        }
+    }
+
+    /// Whether no parameter changes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The largest magnitude of a change, 0 for none.
+    pub fn largest_magnitude(&self) -> f64 {
+        let values = match self {
+            Changes::Sparse(slice) => &slice.values,
+            Changes::Dense(values) => values,
+        };
+        f64::from(values.iter().fold(0f32, |largest, v| largest.max(v.abs())))
+    }
+
+    /// The changes as a sparse slice; a dense upload lists every index.
+    pub fn to_sparse(&self) -> Cow<'_, SparseSlice> {
+        match self {
+            Changes::Sparse(slice) => Cow::Borrowed(slice),
+            Changes::Dense(values) => Cow::Owned(SparseSlice {
+                indices: (0..values.len() as u32).collect(),
+                values: values.clone(),
+            }),
+        }
+    }
+
+    /// Rejects the first value outside `[-gamma, gamma]`, with the bound
+    /// rounded as `encoding` rounds values.
+    pub fn check_bound(&self, gamma: f64, encoding: ValueEncoding) -> Result<(), SparseError> {
+        match self {
+            Changes::Sparse(slice) => slice.check_bound_with(gamma, encoding),
+            Changes::Dense(values) => {
+                let limit = encoding.encoded_bound(gamma);
+                let largest = values.iter().fold(0f32, |largest, v| largest.max(v.abs()));
+                if largest <= limit {
+                    return Ok(());
+                }
+                let index = values
+                    .iter()
+                    .position(|value| value.abs() > limit)
+                    .expect("a value above the bound exists");
+                Err(SparseError::OutOfBound {
+                    index: index as u64,
+                    value: values[index],
+                    gamma,
+                })
+            }
+        }
+    }
+}
+
+/// The smallest magnitude that rounds to infinity in f32: halfway between
+/// f32::MAX and 2^128. Exact in f64.
+const F32_OVERFLOW: f64 = f32::MAX as f64 + f64::from_bits((1023 + 103) << 52);
+
+/// The largest magnitude in `values`, 0 for none.
+fn largest_magnitude(values: &[f64]) -> f64 {
+    values.iter().fold(0f64, |largest, v| largest.max(v.abs()))
+}
+
+/// Finds the first change that would take its parameter beyond the f32
+/// range, as `(index, value, sum)`.
+fn first_overflow(parameters: &[f64], changes: &Changes) -> Option<(usize, f32, f64)> {
+    let overflows = |sum: f64| sum.is_nan() || sum.abs() >= F32_OVERFLOW;
+    match changes {
+        Changes::Sparse(slice) => slice
+            .indices
+            .iter()
+            .zip(&slice.values)
+            .map(|(&index, &value)| {
+                let sum = parameters[index as usize] + f64::from(value);
+                (index as usize, value, sum)
+            })
+            .find(|&(_, _, sum)| overflows(sum)),
+        Changes::Dense(values) => {
+            // A pass without early exit vectorises; the position is only
+            // searched for when a sum overflows.
+            let any = parameters
+                .iter()
+                .zip(values)
+                .fold(false, |any, (&p, &v)| any | overflows(p + f64::from(v)));
+            if !any {
+                return None;
+            }
+            parameters
+                .iter()
+                .zip(values)
+                .enumerate()
+                .map(|(index, (&p, &v))| (index, v, p + f64::from(v)))
+                .find(|&(_, _, sum)| overflows(sum))
+        }
+    }
 }
 
 /// Result of applying an upload.
@@ -88,6 +204,19 @@ pub struct Download {
     pub indices: Option<Vec<u32>>,
     /// One value per selected index (or per parameter when dense).
     pub values: Vec<f32>,
+}
+
+/// Parameters returned by a download, encoded for the wire.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedDownload {
+    /// Version the parameters were read at.
+    pub version: u64,
+    /// Number of parameters sent.
+    pub count: usize,
+    /// Encoded indices; `None` when every parameter is included.
+    pub indices: Option<Vec<u8>>,
+    /// Little-endian f32 values, one per selected index (or per parameter).
+    pub values: Vec<u8>,
 }
 
 /// The global state: empty until the first participant joins with initial
@@ -141,6 +270,10 @@ struct Inner {
     parameters: Vec<f64>,
     /// Per-parameter update counters.
     counters: Vec<u64>,
+    /// An upper bound of the largest parameter magnitude. While it plus an
+    /// upload's largest change stays below the f32 overflow threshold, no
+    /// sum can overflow, and the upload skips the check of every sum.
+    magnitude_bound: f64,
     version: u64,
     participants: BTreeMap<String, ParticipantRecord>,
     /// Participants in the order they first joined.
@@ -191,6 +324,7 @@ impl Store {
             .collect();
         let inner = Inner {
             model: restored.model,
+            magnitude_bound: largest_magnitude(&restored.parameters),
             parameters: restored.parameters,
             counters: restored.counters,
             version: restored.version,
@@ -295,6 +429,7 @@ impl Store {
         let initialized = initial_parameters.is_some();
         if let Some(parameters) = initial_parameters {
             inner.counters = vec![0; parameters.len()];
+            inner.magnitude_bound = largest_magnitude(&parameters);
             inner.parameters = parameters;
             inner.model = Some(model.clone());
         }
@@ -352,16 +487,19 @@ impl Store {
         }
         // Parameters are sent as f32, so a sum beyond its range would reach
         // every participant as infinity.
-        for (&index, &value) in upload.changes.indices.iter().zip(&upload.changes.values) {
-            let sum = inner.parameters[index as usize] + f64::from(value);
-            if !(sum as f32).is_finite() {
-                return Err(ServerError::InvalidField {
-                    field: "changes.values",
-                    reason: format!(
-                        "adding {value} to parameter {index} gives {sum:e}, beyond the f32 range; bound the changes with a smaller gamma"
-                    ),
-                });
-            }
+        let largest_change = upload.changes.largest_magnitude();
+        // Compared with f32::MAX rather than the overflow threshold, so that
+        // rounding of the f64 sums cannot reach the threshold unchecked.
+        let checked = inner.magnitude_bound + largest_change >= f64::from(f32::MAX);
+        if checked
+            && let Some((index, value, sum)) = first_overflow(&inner.parameters, &upload.changes)
+        {
+            return Err(ServerError::InvalidField {
+                field: "changes.values",
+                reason: format!(
+                    "adding {value} to parameter {index} gives {sum:e}, beyond the f32 range; bound the changes with a smaller gamma"
+                ),
+            });
         }
         let mut record = record.clone();
         record.uploads += 1;
@@ -378,7 +516,7 @@ impl Store {
                 version,
                 &upload.participant,
                 &record,
-                &upload.changes,
+                &upload.changes.to_sparse(),
             )?;
         }
 
@@ -388,10 +526,29 @@ impl Store {
             counters,
             ..
         } = &mut *inner;
-        for (&index, &value) in upload.changes.indices.iter().zip(&upload.changes.values) {
-            parameters[index as usize] += f64::from(value);
-            counters[index as usize] += 1;
+        match &upload.changes {
+            Changes::Sparse(slice) => {
+                for (&index, &value) in slice.indices.iter().zip(&slice.values) {
+                    parameters[index as usize] += f64::from(value);
+                    counters[index as usize] += 1;
+                }
+            }
+            Changes::Dense(values) => {
+                for ((parameter, counter), &value) in
+                    parameters.iter_mut().zip(counters.iter_mut()).zip(values)
+                {
+                    *parameter += f64::from(value);
+                    *counter += 1;
+                }
+            }
         }
+        // Near the threshold the bound is made exact again, so that it
+        // does not stay above it after the parameters shrink.
+        inner.magnitude_bound = if checked {
+            largest_magnitude(&inner.parameters)
+        } else {
+            inner.magnitude_bound + largest_change
+        };
         inner.version += 1;
         inner
             .participants
@@ -429,6 +586,43 @@ impl Store {
             version: inner.version,
             indices: Some(indices),
             values,
+        })
+    }
+
+    /// Reads the same parameters as [`Store::download`] and encodes them
+    /// for the wire while the lock is held, in one pass over the selected
+    /// parameters: values as f32, indices in `index_encoding`.
+    pub fn download_encoded(
+        &self,
+        theta_d: f64,
+        index_encoding: IndexEncoding,
+    ) -> Result<EncodedDownload, ServerError> {
+        let inner = self.inner.read();
+        if inner.model.is_none() {
+            return Err(ServerError::Uninitialized);
+        }
+        let n = inner.parameters.len();
+        let k = fraction_count(theta_d, n);
+        if k == n {
+            return Ok(EncodedDownload {
+                version: inner.version,
+                count: n,
+                indices: None,
+                values: encode_f64_as_f32(&inner.parameters),
+            });
+        }
+        let indices = top_k_by_key(n, k, |i| inner.counters[i]);
+        let values: Vec<f32> = indices
+            .iter()
+            .map(|&i| inner.parameters[i as usize] as f32)
+            .collect();
+        let version = inner.version;
+        drop(inner);
+        Ok(EncodedDownload {
+            version,
+            count: indices.len(),
+            indices: Some(encode_indices_with(&indices, index_encoding)),
+            values: encode_values(&values),
         })
     }
 
@@ -482,7 +676,7 @@ mod tests {
             participant: "p1".into(),
             upload_id: id,
             base_version: 0,
-            changes: SparseSlice { indices, values },
+            changes: Changes::Sparse(SparseSlice { indices, values }),
             epsilon: 0.0,
         }
     }
@@ -600,6 +794,87 @@ mod tests {
         assert_eq!(all.values.len(), 5);
         let none = store.download(0.0).unwrap();
         assert_eq!(none.indices, Some(vec![]));
+    }
+
+    #[test]
+    fn sums_round_to_infinity_from_half_an_ulp_above_f32_max() {
+        let max = f64::from(f32::MAX);
+        let half_ulp = f64::from_bits((1023 + 103) << 52);
+        let parameters = [max, max, -max];
+        let sparse = |index: u32, value: f32| {
+            Changes::Sparse(SparseSlice {
+                indices: vec![index],
+                values: vec![value],
+            })
+        };
+        // Below the midpoint the sum still rounds to f32::MAX.
+        let below = (half_ulp * 0.99) as f32;
+        assert_eq!(first_overflow(&parameters, &sparse(0, below)), None);
+        assert!(((max + f64::from(below)) as f32).is_finite());
+        let at = half_ulp as f32;
+        assert_eq!(
+            first_overflow(&parameters, &sparse(1, at)),
+            Some((1, at, max + half_ulp))
+        );
+        assert!(((max + half_ulp) as f32).is_infinite());
+        let dense = Changes::Dense(vec![0.0, 0.0, -at]);
+        assert_eq!(
+            first_overflow(&parameters, &dense),
+            Some((2, -at, -max - half_ulp))
+        );
+        assert_eq!(
+            first_overflow(&parameters, &Changes::Dense(vec![0.0; 3])),
+            None
+        );
+    }
+
+    #[test]
+    fn dense_upload_adds_every_value() {
+        let store = joined_store(vec![1.0, 2.0, 3.0]);
+        let dense = Upload {
+            changes: Changes::Dense(vec![0.5, -0.5, 0.25]),
+            ..upload(1, Vec::new(), Vec::new())
+        };
+        store.apply(&dense).unwrap();
+        assert_eq!(store.parameters().0, vec![1.5, 1.5, 3.25]);
+        assert_eq!(store.counters(), vec![1, 1, 1]);
+        let encoded = store.download_encoded(1.0, IndexEncoding::Rice).unwrap();
+        assert_eq!(encoded.indices, None);
+        assert_eq!(encoded.values, encode_values(&[1.5, 1.5, 3.25]));
+    }
+
+    #[test]
+    fn dense_bound_check_names_the_first_value_outside() {
+        let dense = Changes::Dense(vec![0.1, -0.3, 0.4]);
+        assert!(dense.check_bound(0.5, ValueEncoding::F32).is_ok());
+        assert_eq!(
+            dense.check_bound(0.2, ValueEncoding::F32),
+            Err(SparseError::OutOfBound {
+                index: 1,
+                value: -0.3,
+                gamma: 0.2
+            })
+        );
+    }
+
+    #[test]
+    fn encoded_download_matches_the_plain_one() {
+        let store = joined_store(vec![0.0, 1.0, 2.0, 3.0, 4.0]);
+        store
+            .apply(&upload(1, vec![1, 3, 4], vec![0.5, 0.5, 0.5]))
+            .unwrap();
+        for encoding in [IndexEncoding::DeltaVarint, IndexEncoding::Rice] {
+            let plain = store.download(0.6).unwrap();
+            let encoded = store.download_encoded(0.6, encoding).unwrap();
+            let indices = plain.indices.unwrap();
+            assert_eq!(encoded.version, plain.version);
+            assert_eq!(encoded.count, indices.len());
+            assert_eq!(
+                encoded.indices,
+                Some(encode_indices_with(&indices, encoding))
+            );
+            assert_eq!(encoded.values, encode_values(&plain.values));
+        }
     }
 
     #[test]

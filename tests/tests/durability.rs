@@ -68,9 +68,10 @@ fn upload_request(participant: usize, upload_id: u64) -> pb::UploadRequest {
         gamma: GAMMA,
         theta_u: THETA_U,
         changes: Some(pb::SparseSlice {
-            indices: encode_indices(&indices),
-            values: encode_values(&values),
+            indices: encode_indices(&indices).into(),
+            values: encode_values(&values).into(),
             dense: false,
+            ..Default::default()
         }),
         turn_token: String::new(),
         epsilon: 0.25,
@@ -82,9 +83,9 @@ fn join_request(participant: usize) -> pb::JoinRequest {
         participant_id: participant_id(participant),
         model: Some(model()),
         initial_parameters: Some(pb::SparseSlice {
-            indices: Vec::new(),
-            values: encode_values(&vec![0.0; N as usize]),
+            values: encode_values(&vec![0.0; N as usize]).into(),
             dense: true,
+            ..Default::default()
         }),
     }
 }
@@ -232,6 +233,7 @@ async fn check_restored(address: &str, acknowledged: &[u64]) -> Vec<u64> {
         .download_parameters(pb::DownloadRequest {
             participant_id: participant_id(0),
             theta_d: 1.0,
+            ..Default::default()
         })
         .await
         .expect("dense download should succeed")

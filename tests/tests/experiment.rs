@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use dssgd_tests::{CHILD_TIMEOUT, binary, mnist_dir, workspace_root};
 
 /// Columns every row of `cells.csv` must have, in this order.
-const COLUMNS: [&str; 37] = [
+const COLUMNS: [&str; 38] = [
     "id",
     "method",
     "status",
@@ -29,6 +29,7 @@ const COLUMNS: [&str; 37] = [
     "selection",
     "epsilon",
     "epsilon_per_parameter",
+    "upload_values",
     "epochs",
     "lr",
     "lr_decay",

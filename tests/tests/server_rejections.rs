@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dssgd_common::config::Ordering;
-use dssgd_common::sparse::{SparseSlice, encode_indices, encode_values, write_varint};
+use dssgd_common::sparse::{
+    IndexEncoding, SliceEncoding, SparseSlice, ValueEncoding, encode_indices, encode_values,
+    write_varint,
+};
 use dssgd_proto::v1 as pb;
 use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
 use dssgd_server::{ServerConfig, Store};
@@ -157,6 +160,7 @@ impl TestServer {
         let request = pb::DownloadRequest {
             participant_id: participant.into(),
             theta_d,
+            ..Default::default()
         };
         within(self.client.download_parameters(request))
             .await
@@ -255,9 +259,9 @@ fn initial_value(index: u64) -> f32 {
 
 fn dense_slice(values: &[f32]) -> pb::SparseSlice {
     pb::SparseSlice {
-        indices: Vec::new(),
-        values: encode_values(values),
+        values: encode_values(values).into(),
         dense: true,
+        ..Default::default()
     }
 }
 
@@ -274,9 +278,10 @@ fn join_request(participant: &str, model: pb::ModelInfo) -> pb::JoinRequest {
 
 fn sparse_slice(indices: &[u32], values: &[f32]) -> pb::SparseSlice {
     pb::SparseSlice {
-        indices: encode_indices(indices),
-        values: encode_values(values),
+        indices: encode_indices(indices).into(),
+        values: encode_values(values).into(),
         dense: false,
+        ..Default::default()
     }
 }
 
@@ -284,9 +289,10 @@ fn sparse_slice(indices: &[u32], values: &[f32]) -> pb::SparseSlice {
 /// cannot produce because it panics on unsorted or repeated indices.
 fn raw_slice(indices: Vec<u8>, values: Vec<u8>) -> pb::SparseSlice {
     pb::SparseSlice {
-        indices,
-        values,
+        indices: indices.into(),
+        values: values.into(),
         dense: false,
+        ..Default::default()
     }
 }
 
@@ -626,7 +632,7 @@ async fn malformed_dense_upload_is_rejected() {
     let mut server = TestServer::start_joined(ServerConfig::default()).await;
     let full = vec![0.01; TOY_COUNT as usize];
     let with_indices = pb::SparseSlice {
-        indices: encode_indices(&[0]),
+        indices: encode_indices(&[0]).into(),
         ..dense_slice(&full)
     };
     let cases: [(&str, pb::SparseSlice, &[&str]); 3] = [
@@ -1177,6 +1183,256 @@ async fn valid_upload_changes_only_its_indices() {
     }
     let (_, top_three) = server.download_sparse(0.003).await;
     assert_eq!(top_three.indices, [0, 5, 700], "top 3 indices");
+    server.shutdown().await;
+}
+
+/// Builds a slice of `indices` and `values` in `encoding`.
+fn encoded_slice(indices: &[u32], values: &[f32], encoding: SliceEncoding) -> pb::SparseSlice {
+    let slice = SparseSlice {
+        indices: indices.to_vec(),
+        values: values.to_vec(),
+    };
+    let (index_bytes, value_bytes) = slice.encode_with(encoding);
+    pb::SparseSlice {
+        indices: index_bytes.into(),
+        values: value_bytes.into(),
+        dense: false,
+        index_encoding: match encoding.indices {
+            IndexEncoding::DeltaVarint => pb::IndexEncoding::DeltaVarint,
+            IndexEncoding::Rice => pb::IndexEncoding::Rice,
+        } as i32,
+        value_encoding: match encoding.values {
+            ValueEncoding::F32 => pb::ValueEncoding::F32,
+            ValueEncoding::F16 => pb::ValueEncoding::F16,
+        } as i32,
+    }
+}
+
+#[tokio::test]
+async fn rice_and_f16_uploads_add_their_values() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    let before = server.snapshot().await;
+    let indices = [0, 1, 2, 500, 999];
+    // Multiples of 2^-10 are exact in binary16, so both encodings add the
+    // same values.
+    let changes = [0.0625, -0.03125, 0.0009765625, -0.0625, 0.09375];
+    let encodings = [
+        (IndexEncoding::Rice, ValueEncoding::F32),
+        (IndexEncoding::Rice, ValueEncoding::F16),
+        (IndexEncoding::DeltaVarint, ValueEncoding::F16),
+    ];
+    for (id, (indices_encoding, values_encoding)) in encodings.into_iter().enumerate() {
+        let encoding = SliceEncoding {
+            indices: indices_encoding,
+            values: values_encoding,
+        };
+        let request = upload_request(id as u64 + 1, encoded_slice(&indices, &changes, encoding));
+        let response = server
+            .upload(request)
+            .await
+            .unwrap_or_else(|status| panic!("{encoding:?} upload failed: {status}"));
+        assert!(response.applied, "{encoding:?} upload was not applied");
+    }
+    let after = server.snapshot().await;
+    assert_eq!(after.version, 3, "version after three uploads");
+    assert_eq!(after.total_updates, 15, "total_updates");
+    for (index, (&old, &new)) in before.parameters.iter().zip(&after.parameters).enumerate() {
+        let expected = match indices.iter().position(|&i| i as usize == index) {
+            Some(k) => old + 3.0 * changes[k],
+            None => old,
+        };
+        assert!(
+            (new - expected).abs() <= TOLERANCE,
+            "parameter {index} is {new}, expected {expected}"
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn f16_bound_uses_rounded_gamma() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    let f16 = SliceEncoding {
+        indices: IndexEncoding::Rice,
+        values: ValueEncoding::F16,
+    };
+    // 0.001 rounds up to about 0.0010004 in binary16; a participant that
+    // clipped to gamma = 0.001 sends exactly that, and it must pass.
+    let clipped = pb::UploadRequest {
+        gamma: 0.001,
+        ..upload_request(1, encoded_slice(&[7], &[0.001], f16))
+    };
+    let response = server
+        .upload(clipped)
+        .await
+        .expect("a value clipped to gamma and rounded to f16 was rejected");
+    assert!(response.applied, "the clipped f16 upload was not applied");
+    let above = pb::UploadRequest {
+        gamma: 0.001,
+        ..upload_request(2, encoded_slice(&[7], &[0.0011], f16))
+    };
+    assert_upload_rejected(
+        &mut server,
+        "f16 value above the rounded gamma",
+        above,
+        Code::InvalidArgument,
+        &["at index 7", "[-0.001, 0.001]"],
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_or_malformed_encodings_are_rejected() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    let rice = SliceEncoding {
+        indices: IndexEncoding::Rice,
+        values: ValueEncoding::F32,
+    };
+    let cases: [(&str, pb::SparseSlice, &[&str]); 5] = [
+        (
+            "unknown index encoding",
+            pb::SparseSlice {
+                index_encoding: 7,
+                ..sparse_slice(&[1], &[0.01])
+            },
+            &["unknown index_encoding 7"],
+        ),
+        (
+            "unknown value encoding",
+            pb::SparseSlice {
+                value_encoding: 9,
+                ..sparse_slice(&[1], &[0.01])
+            },
+            &["unknown value_encoding 9"],
+        ),
+        (
+            "Rice parameter above 31",
+            pb::SparseSlice {
+                indices: vec![40u8, 0].into(),
+                ..encoded_slice(&[1], &[0.01], rice)
+            },
+            &["invalid Rice parameter 40"],
+        ),
+        (
+            "Rice payload shorter than the values",
+            pb::SparseSlice {
+                values: encode_values(&[0.01, 0.02, 0.03]).into(),
+                ..encoded_slice(&[1, 2], &[0.01, 0.02], rice)
+            },
+            &["Rice-coded index payload ends within entry"],
+        ),
+        (
+            "f16 payload of an odd length",
+            pb::SparseSlice {
+                values: vec![0u8; 3].into(),
+                value_encoding: pb::ValueEncoding::F16 as i32,
+                ..sparse_slice(&[1], &[0.01])
+            },
+            &["3 bytes", "2-byte values"],
+        ),
+    ];
+    for (case, changes, needles) in cases {
+        let request = upload_request(1, changes);
+        assert_upload_rejected(&mut server, case, request, Code::InvalidArgument, needles).await;
+    }
+    let before = server.snapshot().await;
+    let request = pb::DownloadRequest {
+        participant_id: PARTICIPANT.into(),
+        theta_d: 0.5,
+        index_encoding: 5,
+    };
+    let result = within(server.client.download_parameters(request))
+        .await
+        .map(tonic::Response::into_inner);
+    assert_rejected(
+        "download asking for an unknown index encoding",
+        result,
+        Code::InvalidArgument,
+        &["unknown index_encoding 5"],
+    );
+    assert_unchanged("download encoding", &before, &server.snapshot().await);
+    assert_valid_upload_applies(&mut server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rice_download_matches_the_varint_download() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    server
+        .upload(upload_request(
+            1,
+            sparse_slice(&[3, 40, 41, 900], &[0.01; 4]),
+        ))
+        .await
+        .expect("the upload failed");
+    let (version, varint) = server.download_sparse(0.1).await;
+    let request = pb::DownloadRequest {
+        participant_id: PARTICIPANT.into(),
+        theta_d: 0.1,
+        index_encoding: pb::IndexEncoding::Rice as i32,
+    };
+    let response = within(server.client.download_parameters(request))
+        .await
+        .expect("the Rice download failed")
+        .into_inner();
+    let parameters = response.parameters.expect("no parameters");
+    assert_eq!(
+        parameters.index_encoding,
+        pb::IndexEncoding::Rice as i32,
+        "the response names its index encoding"
+    );
+    let rice = SparseSlice::decode_with(
+        &parameters.indices,
+        &parameters.values,
+        TOY_COUNT,
+        rice_f32(),
+    )
+    .expect("the server sent an invalid Rice slice");
+    assert_eq!(response.version, version, "versions of the two downloads");
+    assert_eq!(rice, varint, "the two downloads hold the same parameters");
+    assert!(
+        parameters.indices.len() < encode_indices(&varint.indices).len(),
+        "Rice indices take {} bytes, varints {}",
+        parameters.indices.len(),
+        encode_indices(&varint.indices).len()
+    );
+    server.shutdown().await;
+}
+
+fn rice_f32() -> SliceEncoding {
+    SliceEncoding {
+        indices: IndexEncoding::Rice,
+        values: ValueEncoding::F32,
+    }
+}
+
+#[tokio::test]
+async fn status_counts_payload_bytes() {
+    let mut server = TestServer::start_joined(ServerConfig::default()).await;
+    let start = server.status().await;
+    assert_eq!(start.uploaded_bytes, 0, "uploaded bytes before any upload");
+    assert_eq!(
+        start.downloaded_bytes, 0,
+        "downloaded bytes before any download"
+    );
+    let changes = encoded_slice(&[1, 2, 3], &[0.01, 0.02, 0.03], rice_f32());
+    let upload_bytes = (changes.indices.len() + changes.values.len()) as u64;
+    server
+        .upload(upload_request(1, changes))
+        .await
+        .expect("the upload failed");
+    server.download_all().await;
+    let status = server.status().await;
+    assert_eq!(
+        status.uploaded_bytes, upload_bytes,
+        "uploaded payload bytes"
+    );
+    assert_eq!(
+        status.downloaded_bytes,
+        4 * TOY_COUNT,
+        "downloaded payload bytes of one dense download"
+    );
     server.shutdown().await;
 }
 

@@ -40,9 +40,9 @@ fn join_request(index: usize) -> pb::JoinRequest {
             layout_hash: LAYOUT.into(),
         }),
         initial_parameters: Some(pb::SparseSlice {
-            indices: Vec::new(),
-            values: encode_values(&vec![0.0; N as usize]),
+            values: encode_values(&vec![0.0; N as usize]).into(),
             dense: true,
+            ..Default::default()
         }),
     }
 }
@@ -61,9 +61,10 @@ fn upload_request(index: usize, upload_id: u64) -> pb::UploadRequest {
         gamma: 0.01,
         theta_u: 0.01,
         changes: Some(pb::SparseSlice {
-            indices: encode_indices(&indices),
-            values: encode_values(&values),
+            indices: encode_indices(&indices).into(),
+            values: encode_values(&values).into(),
             dense: false,
+            ..Default::default()
         }),
         turn_token: String::new(),
         epsilon: 0.0,

@@ -111,9 +111,9 @@ fn join_request(participant: &str) -> pb::JoinRequest {
             layout_hash: LAYOUT.into(),
         }),
         initial_parameters: Some(pb::SparseSlice {
-            indices: Vec::new(),
-            values: encode_values(&vec![0.5; N as usize]),
+            values: encode_values(&vec![0.5; N as usize]).into(),
             dense: true,
+            ..Default::default()
         }),
     }
 }
@@ -127,9 +127,10 @@ fn upload_request(participant: &str, upload_id: u64) -> pb::UploadRequest {
         gamma: 0.1,
         theta_u: 0.1,
         changes: Some(pb::SparseSlice {
-            indices: encode_indices(&[3, 7]),
-            values: encode_values(&[0.05, -0.05]),
+            indices: encode_indices(&[3, 7]).into(),
+            values: encode_values(&[0.05, -0.05]).into(),
             dense: false,
+            ..Default::default()
         }),
         turn_token: String::new(),
         epsilon: 0.0,
@@ -236,6 +237,7 @@ fn failed_handshakes_leave_server_serving() {
             .download_parameters(pb::DownloadRequest {
                 participant_id: "p001".into(),
                 theta_d: 1.0,
+                ..Default::default()
             })
             .await
             .expect_err("p000's certificate must not download as p001");
