@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // of several MiB.
     tonic_prost_build::configure()
         .bytes(".dssgd.v1.SparseSlice")
+        .codec_path("crate::codec::ReservingCodec")
         .compile_fds(descriptors)?;
 
     // The benchmarks' reference services, kept out of the descriptor set

@@ -447,26 +447,49 @@ pub fn decode_indices(bytes: &[u8], parameter_count: u64) -> Result<Vec<u32>, Sp
     Ok(indices)
 }
 
-/// Reads bits of a byte slice, least significant bit first.
+/// Reads bits of a byte slice, least significant bit first, through a
+/// 64-bit buffer that is refilled four bytes at a time.
 struct BitReader<'a> {
     bytes: &'a [u8],
-    /// Position of the next bit.
-    position: usize,
+    /// Next byte to load into the buffer.
+    next_byte: usize,
+    /// Loaded bits not yet read, the next one lowest.
+    buffer: u64,
+    /// Number of valid bits in `buffer`.
+    buffered: u32,
 }
 
-impl BitReader<'_> {
-    /// Bits of the stream not yet read.
-    fn remaining(&self) -> usize {
-        self.bytes.len() * 8 - self.position
+impl<'a> BitReader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self {
+            bytes,
+            next_byte: 0,
+            buffer: 0,
+            buffered: 0,
+        }
     }
 
-    /// Returns the next 56 or more bits, with zeros past the end of the slice.
-    fn peek(&self) -> u64 {
-        let byte = self.position / 8;
-        let mut word = [0u8; 8];
-        let available = self.bytes.len().saturating_sub(byte).min(8);
-        word[..available].copy_from_slice(&self.bytes[byte..byte + available]);
-        u64::from_le_bytes(word) >> (self.position % 8)
+    /// Loads bytes until the buffer has more than 32 valid bits or the
+    /// slice ends.
+    fn refill(&mut self) {
+        if self.buffered <= 32
+            && let Some(word) = self.bytes.get(self.next_byte..self.next_byte + 4)
+        {
+            let word = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            self.buffer |= u64::from(word) << self.buffered;
+            self.buffered += 32;
+            self.next_byte += 4;
+        }
+        while self.buffered <= 56 && self.next_byte < self.bytes.len() {
+            self.buffer |= u64::from(self.bytes[self.next_byte]) << self.buffered;
+            self.buffered += 8;
+            self.next_byte += 1;
+        }
+    }
+
+    /// Bits of the stream not yet read.
+    fn remaining(&self) -> usize {
+        (self.bytes.len() - self.next_byte) * 8 + self.buffered as usize
     }
 
     /// Reads a run of one bits and the zero bit that ends it; returns the
@@ -474,31 +497,62 @@ impl BitReader<'_> {
     fn read_unary(&mut self) -> Option<u64> {
         let mut ones = 0u64;
         loop {
-            // peek() holds at least 56 valid bits.
-            let run = self.peek().trailing_ones().min(56);
-            if run < 56 {
-                if self.remaining() < run as usize + 1 {
+            if self.buffered == 0 {
+                self.refill();
+                if self.buffered == 0 {
                     return None;
                 }
-                self.position += run as usize + 1;
+            }
+            // Bits above `buffered` are zero, so the run stops there at the
+            // latest.
+            let run = self.buffer.trailing_ones().min(self.buffered);
+            if run < self.buffered {
+                self.buffer >>= run + 1;
+                self.buffered -= run + 1;
                 return Some(ones + u64::from(run));
             }
-            if self.remaining() < 56 {
-                return None;
-            }
-            self.position += 56;
-            ones += 56;
+            ones += u64::from(run);
+            self.buffer = 0;
+            self.buffered = 0;
         }
     }
 
     /// Reads `count` bits, at most 32; `None` if the stream ends first.
     fn read(&mut self, count: u32) -> Option<u64> {
-        if self.remaining() < count as usize {
+        if self.buffered < count {
+            self.refill();
+            if self.buffered < count {
+                return None;
+            }
+        }
+        let bits = self.buffer & ((1u64 << count) - 1);
+        self.buffer = self.buffer.checked_shr(count).unwrap_or(0);
+        self.buffered -= count;
+        Some(bits)
+    }
+
+    /// Reads a whole Rice code with parameter `parameter` when it lies in
+    /// the buffer, as nearly all do; `None` leaves the stream unchanged for
+    /// the bit-by-bit path.
+    fn read_short_code(&mut self, parameter: u8) -> Option<(u64, u64)> {
+        if self.buffered < 40 {
+            self.refill();
+        }
+        let run = self.buffer.trailing_ones();
+        let length = run + 1 + u32::from(parameter);
+        if length > self.buffered {
             return None;
         }
-        let bits = self.peek() & ((1u64 << count) - 1);
-        self.position += count as usize;
-        Some(bits)
+        let remainder = (self.buffer >> (run + 1)) & ((1u64 << parameter) - 1);
+        self.buffer = self.buffer.checked_shr(length).unwrap_or(0);
+        self.buffered -= length;
+        Some((u64::from(run), remainder))
+    }
+
+    /// The bits not yet read, which must be fewer than 8.
+    fn rest(&mut self) -> u64 {
+        self.refill();
+        self.buffer
     }
 }
 
@@ -522,15 +576,18 @@ pub fn decode_indices_rice(
     // Each entry takes at least one bit, so this never allocates beyond
     // what the payload can hold.
     let mut indices = Vec::with_capacity(count.min(stream.len() * 8));
-    let mut reader = BitReader {
-        bytes: stream,
-        position: 0,
-    };
+    let mut reader = BitReader::new(stream);
     let mut next: u64 = 0;
     for entry in 0..count {
         let truncated = || SparseError::TruncatedRice { entry, count };
-        let quotient = reader.read_unary().ok_or_else(truncated)?;
-        let remainder = reader.read(u32::from(parameter)).ok_or_else(truncated)?;
+        let (quotient, remainder) = match reader.read_short_code(parameter) {
+            Some(code) => code,
+            None => {
+                let quotient = reader.read_unary().ok_or_else(truncated)?;
+                let remainder = reader.read(u32::from(parameter)).ok_or_else(truncated)?;
+                (quotient, remainder)
+            }
+        };
         let gap = quotient
             .checked_mul(1 << parameter)
             .map_or(u64::MAX, |high| high | remainder);
@@ -545,8 +602,7 @@ pub fn decode_indices_rice(
         next = index + 1;
     }
     let left = reader.remaining();
-    let padding = (1u64 << left.min(7)) - 1;
-    if left >= 8 || reader.peek() != padding {
+    if left >= 8 || reader.rest() != (1u64 << left) - 1 {
         return Err(SparseError::TrailingBits { bits: left, count });
     }
     Ok(indices)
@@ -705,6 +761,11 @@ impl SparseSlice {
 
     /// Rejects the first NaN or infinite value.
     pub fn check_finite(&self) -> Result<(), SparseError> {
+        // A pass without early exit vectorises; the position is searched
+        // for only when some value is not finite.
+        if self.values.iter().fold(true, |all, v| all & v.is_finite()) {
+            return Ok(());
+        }
         for (&index, &value) in self.indices.iter().zip(&self.values) {
             if !value.is_finite() {
                 return Err(SparseError::NonFiniteValue {
@@ -728,6 +789,15 @@ impl SparseSlice {
     /// clipped to gamma by the sender and then encoded passes.
     pub fn check_bound_with(&self, gamma: f64, encoding: ValueEncoding) -> Result<(), SparseError> {
         let limit = encoding.encoded_bound(gamma);
+        // As in check_finite, a vectorised pass first. The values are
+        // finite here, so the largest magnitude decides.
+        let largest = self
+            .values
+            .iter()
+            .fold(0f32, |largest, v| largest.max(v.abs()));
+        if largest <= limit {
+            return Ok(());
+        }
         for (&index, &value) in self.indices.iter().zip(&self.values) {
             if value.abs() > limit {
                 return Err(SparseError::OutOfBound {

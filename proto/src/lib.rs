@@ -5,6 +5,8 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
+pub mod codec;
+
 /// Version 1 of the protocol.
 pub mod v1 {
     tonic::include_proto!("dssgd.v1");

@@ -8,7 +8,8 @@
 //! - Model size n from 10^5 to 10^8 parameters (one participant): resident
 //!   memory that the model adds once uploads have touched it, uploads per second at theta_u 0.01 (and
 //!   parameters applied per second), and the time of a dense download and
-//!   of a theta_d 0.1 download.
+//!   of a theta_d 0.1 download, encoded for the wire as the server sends
+//!   them.
 //! - Participants from 10 to 1,000 on the MLP's 109,386 parameters:
 //!   memory per joined participant and uploads per second at theta_u 0.1,
 //!   the uploads coming from the participants in turn.
@@ -16,7 +17,7 @@
 use std::time::Instant;
 
 use dssgd_common::select::fraction_count;
-use dssgd_common::sparse::SparseSlice;
+use dssgd_common::sparse::{IndexEncoding, SparseSlice};
 use dssgd_server::Store;
 use dssgd_server::store::{Changes, ModelInfo, Upload};
 use rand::seq::index::sample;
@@ -90,11 +91,15 @@ fn by_model_size() {
         // Measured after the uploads, which touch the update counters too.
         let memory = rss_bytes().saturating_sub(before);
         let started = Instant::now();
-        let dense = store.download(1.0).expect("a dense download");
+        let dense = store
+            .download_encoded(1.0, IndexEncoding::Rice)
+            .expect("a dense download");
         let dense_seconds = started.elapsed().as_secs_f64();
         drop(dense);
         let started = Instant::now();
-        let partial = store.download(0.1).expect("a partial download");
+        let partial = store
+            .download_encoded(0.1, IndexEncoding::Rice)
+            .expect("a partial download");
         let partial_seconds = started.elapsed().as_secs_f64();
         drop(partial);
         println!(

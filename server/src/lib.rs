@@ -129,7 +129,7 @@ pub const HTTP2_MAX_FRAME_SIZE: u32 = 1 << 20;
 /// Accepted connections of `listener` with Nagle's algorithm off, which
 /// tonic sets only on listeners it binds itself: a response written in two
 /// parts would otherwise wait for the client's delayed acknowledgement.
-fn accept_without_delay(
+pub fn accept_without_delay(
     listener: TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use tokio_stream::StreamExt;

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::ServerConfig;
 use crate::error::ServerError;
 use crate::metrics::Metrics;
-use crate::store::{Changes, ModelInfo, Store, Upload};
+use crate::store::{Changes, DenseValues, ModelInfo, Store, Upload};
 use crate::turns::Turns;
 
 /// Largest encoded upload, in bytes, that the in-memory store applies on
@@ -417,8 +417,7 @@ fn decode_changes(
                 ),
             });
         }
-        let values =
-            SparseSlice::decode_dense_with(&slice.values, parameter_count, encoding.values)?;
+        let values = DenseValues::decode(slice.values, parameter_count, encoding.values)?;
         return Ok((Changes::Dense(values), encoding.values));
     }
     let changes =

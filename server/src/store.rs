@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use dssgd_common::config::Ordering;
 use dssgd_common::select::{fraction_count, top_k_by_key};
 use dssgd_common::sparse::{
-    IndexEncoding, SparseError, SparseSlice, ValueEncoding, encode_f64_as_f32, encode_indices_with,
-    encode_values,
+    IndexEncoding, SparseError, SparseSlice, ValueEncoding, decode_values_with, encode_f64_as_f32,
+    encode_indices_with, encode_values,
 };
 use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
+use prost::bytes::Bytes;
 
 use crate::durable::{DurableOptions, DurableState, StateError};
 use crate::error::ServerError;
@@ -80,8 +81,86 @@ pub enum Changes {
     /// Changes of some parameters: sorted unique indices and their values.
     Sparse(SparseSlice),
     /// One change for every parameter, index 0 first. A dense upload keeps
-    /// no index list, so it is checked and applied in single passes.
-    Dense(Vec<f32>),
+    /// no index list and no decoded copy, so it is checked and applied in
+    /// single passes over its payload.
+    Dense(DenseValues),
+}
+
+/// The values of a dense upload: its validated payload of little-endian
+/// f32, one per parameter, decoded as it is read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseValues {
+    payload: Bytes,
+}
+
+impl DenseValues {
+    /// Checks a dense payload in `encoding`: exactly `parameter_count`
+    /// finite values. An f32 payload is kept as it is, without a copy; an
+    /// f16 one is converted to f32.
+    pub fn decode(
+        payload: Bytes,
+        parameter_count: u64,
+        encoding: ValueEncoding,
+    ) -> Result<Self, SparseError> {
+        let width = encoding.bytes_per_value();
+        if !payload.len().is_multiple_of(width) {
+            return Err(SparseError::RaggedValues {
+                bytes: payload.len(),
+                width,
+            });
+        }
+        if (payload.len() / width) as u64 != parameter_count {
+            return Err(SparseError::DenseLength {
+                values: payload.len() / width,
+                parameter_count,
+            });
+        }
+        let dense = match encoding {
+            ValueEncoding::F32 => Self { payload },
+            ValueEncoding::F16 => {
+                let values = decode_values_with(&payload, encoding)?;
+                Self::from_values(&values)
+            }
+        };
+        // A pass without early exit vectorises; the position is searched
+        // for only when some value is not finite.
+        if !dense.values().fold(true, |all, v| all & v.is_finite()) {
+            let (index, value) = dense
+                .values()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+                .expect("a value that is not finite exists");
+            return Err(SparseError::NonFiniteValue {
+                index: index as u64,
+                value,
+            });
+        }
+        Ok(dense)
+    }
+
+    /// Wraps `values`, one per parameter.
+    pub fn from_values(values: &[f32]) -> Self {
+        Self {
+            payload: Bytes::from(encode_values(values)),
+        }
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.payload.len() / 4
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.payload.is_empty()
+    }
+
+    /// The values, index 0 first.
+    pub fn values(&self) -> impl Iterator<Item = f32> + '_ {
+        self.payload
+            .chunks_exact(4)
+            .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
+    }
 }
 
 impl Changes {
@@ -100,11 +179,12 @@ impl Changes {
 
     /// The largest magnitude of a change, 0 for none.
     pub fn largest_magnitude(&self) -> f64 {
-        let values = match self {
-            Changes::Sparse(slice) => &slice.values,
-            Changes::Dense(values) => values,
+        let largest = |largest: f32, value: f32| largest.max(value.abs());
+        let value = match self {
+            Changes::Sparse(slice) => slice.values.iter().copied().fold(0f32, largest),
+            Changes::Dense(values) => values.values().fold(0f32, largest),
         };
-        f64::from(values.iter().fold(0f32, |largest, v| largest.max(v.abs())))
+        f64::from(value)
     }
 
     /// The changes as a sparse slice; a dense upload lists every index.
@@ -113,7 +193,7 @@ impl Changes {
             Changes::Sparse(slice) => Cow::Borrowed(slice),
             Changes::Dense(values) => Cow::Owned(SparseSlice {
                 indices: (0..values.len() as u32).collect(),
-                values: values.clone(),
+                values: values.values().collect(),
             }),
         }
     }
@@ -125,17 +205,20 @@ impl Changes {
             Changes::Sparse(slice) => slice.check_bound_with(gamma, encoding),
             Changes::Dense(values) => {
                 let limit = encoding.encoded_bound(gamma);
-                let largest = values.iter().fold(0f32, |largest, v| largest.max(v.abs()));
+                let largest = values
+                    .values()
+                    .fold(0f32, |largest, v| largest.max(v.abs()));
                 if largest <= limit {
                     return Ok(());
                 }
-                let index = values
-                    .iter()
-                    .position(|value| value.abs() > limit)
+                let (index, value) = values
+                    .values()
+                    .enumerate()
+                    .find(|(_, value)| value.abs() > limit)
                     .expect("a value above the bound exists");
                 Err(SparseError::OutOfBound {
                     index: index as u64,
-                    value: values[index],
+                    value,
                     gamma,
                 })
             }
@@ -171,16 +254,16 @@ fn first_overflow(parameters: &[f64], changes: &Changes) -> Option<(usize, f32, 
             // searched for when a sum overflows.
             let any = parameters
                 .iter()
-                .zip(values)
-                .fold(false, |any, (&p, &v)| any | overflows(p + f64::from(v)));
+                .zip(values.values())
+                .fold(false, |any, (&p, v)| any | overflows(p + f64::from(v)));
             if !any {
                 return None;
             }
             parameters
                 .iter()
-                .zip(values)
+                .zip(values.values())
                 .enumerate()
-                .map(|(index, (&p, &v))| (index, v, p + f64::from(v)))
+                .map(|(index, (&p, v))| (index, v, p + f64::from(v)))
                 .find(|&(_, _, sum)| overflows(sum))
         }
     }
@@ -534,8 +617,10 @@ impl Store {
                 }
             }
             Changes::Dense(values) => {
-                for ((parameter, counter), &value) in
-                    parameters.iter_mut().zip(counters.iter_mut()).zip(values)
+                for ((parameter, counter), value) in parameters
+                    .iter_mut()
+                    .zip(counters.iter_mut())
+                    .zip(values.values())
                 {
                     *parameter += f64::from(value);
                     *counter += 1;
@@ -817,13 +902,16 @@ mod tests {
             Some((1, at, max + half_ulp))
         );
         assert!(((max + half_ulp) as f32).is_infinite());
-        let dense = Changes::Dense(vec![0.0, 0.0, -at]);
+        let dense = Changes::Dense(DenseValues::from_values(&[0.0, 0.0, -at]));
         assert_eq!(
             first_overflow(&parameters, &dense),
             Some((2, -at, -max - half_ulp))
         );
         assert_eq!(
-            first_overflow(&parameters, &Changes::Dense(vec![0.0; 3])),
+            first_overflow(
+                &parameters,
+                &Changes::Dense(DenseValues::from_values(&[0.0; 3]))
+            ),
             None
         );
     }
@@ -832,7 +920,7 @@ mod tests {
     fn dense_upload_adds_every_value() {
         let store = joined_store(vec![1.0, 2.0, 3.0]);
         let dense = Upload {
-            changes: Changes::Dense(vec![0.5, -0.5, 0.25]),
+            changes: Changes::Dense(DenseValues::from_values(&[0.5, -0.5, 0.25])),
             ..upload(1, Vec::new(), Vec::new())
         };
         store.apply(&dense).unwrap();
@@ -844,8 +932,46 @@ mod tests {
     }
 
     #[test]
+    fn dense_payload_is_checked_without_a_copy() {
+        let payload = Bytes::from(encode_values(&[0.5, -0.25, 0.125]));
+        let dense = DenseValues::decode(payload.clone(), 3, ValueEncoding::F32).unwrap();
+        assert_eq!(dense.values().collect::<Vec<_>>(), vec![0.5, -0.25, 0.125]);
+        assert_eq!(
+            dense.payload.as_ptr(),
+            payload.as_ptr(),
+            "an f32 payload is kept, not copied"
+        );
+        assert_eq!(
+            DenseValues::decode(payload.clone(), 4, ValueEncoding::F32),
+            Err(SparseError::DenseLength {
+                values: 3,
+                parameter_count: 4
+            })
+        );
+        assert_eq!(
+            DenseValues::decode(payload.slice(1..), 3, ValueEncoding::F32),
+            Err(SparseError::RaggedValues {
+                bytes: 11,
+                width: 4
+            })
+        );
+        let with_nan = Bytes::from(encode_values(&[0.5, f32::NAN, 0.125]));
+        let error = DenseValues::decode(with_nan, 3, ValueEncoding::F32).unwrap_err();
+        assert!(
+            matches!(error, SparseError::NonFiniteValue { index: 1, .. }),
+            "{error}"
+        );
+        let half = Bytes::from(dssgd_common::sparse::encode_values_with(
+            &[0.5, -0.25],
+            ValueEncoding::F16,
+        ));
+        let dense = DenseValues::decode(half, 2, ValueEncoding::F16).unwrap();
+        assert_eq!(dense.values().collect::<Vec<_>>(), vec![0.5, -0.25]);
+    }
+
+    #[test]
     fn dense_bound_check_names_the_first_value_outside() {
-        let dense = Changes::Dense(vec![0.1, -0.3, 0.4]);
+        let dense = Changes::Dense(DenseValues::from_values(&[0.1, -0.3, 0.4]));
         assert!(dense.check_bound(0.5, ValueEncoding::F32).is_ok());
         assert_eq!(
             dense.check_bound(0.2, ValueEncoding::F32),
