@@ -629,6 +629,18 @@ pub fn decode_values(bytes: &[u8]) -> Result<Vec<f32>, SparseError> {
 
 /// Decodes values in `encoding` into f32.
 pub fn decode_values_with(bytes: &[u8], encoding: ValueEncoding) -> Result<Vec<f32>, SparseError> {
+    let mut values = Vec::new();
+    decode_values_into(bytes, encoding, &mut values)?;
+    Ok(values)
+}
+
+/// Decodes values in `encoding` into `values`, replacing its contents and
+/// keeping its allocation when it is large enough.
+pub fn decode_values_into(
+    bytes: &[u8],
+    encoding: ValueEncoding,
+    values: &mut Vec<f32>,
+) -> Result<(), SparseError> {
     let width = encoding.bytes_per_value();
     if !bytes.len().is_multiple_of(width) {
         return Err(SparseError::RaggedValues {
@@ -638,7 +650,8 @@ pub fn decode_values_with(bytes: &[u8], encoding: ValueEncoding) -> Result<Vec<f
     }
     // Filling a sized vector compiles to a straight copy loop, where
     // collecting from the chunk iterator does not.
-    let mut values = vec![0f32; bytes.len() / width];
+    values.clear();
+    values.resize(bytes.len() / width, 0.0);
     match encoding {
         ValueEncoding::F32 => {
             for (value, chunk) in values.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -651,7 +664,7 @@ pub fn decode_values_with(bytes: &[u8], encoding: ValueEncoding) -> Result<Vec<f
             }
         }
     }
-    Ok(values)
+    Ok(())
 }
 
 /// The codes of a packed slice's two payloads.

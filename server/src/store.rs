@@ -14,11 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use dssgd_common::config::Ordering;
 use dssgd_common::select::{fraction_count, top_k_by_key};
 use dssgd_common::sparse::{
-    IndexEncoding, SparseError, SparseSlice, ValueEncoding, decode_values_with, encode_f64_as_f32,
+    IndexEncoding, SparseError, SparseSlice, ValueEncoding, decode_values_into, encode_f64_as_f32,
     encode_indices_with, encode_values,
 };
 use parking_lot::{Mutex, RwLock, RwLockUpgradableReadGuard};
-use prost::bytes::Bytes;
 
 use crate::durable::{DurableOptions, DurableState, StateError};
 use crate::error::ServerError;
@@ -86,47 +85,46 @@ pub enum Changes {
     Dense(DenseValues),
 }
 
-/// The values of a dense upload: its validated payload of little-endian
-/// f32, one per parameter, decoded as it is read.
+/// The values of a dense upload, one per parameter, decoded and checked,
+/// with their largest magnitude.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DenseValues {
-    payload: Bytes,
+    values: Vec<f32>,
+    largest: f32,
 }
 
 impl DenseValues {
-    /// Checks a dense payload in `encoding`: exactly `parameter_count`
-    /// finite values. An f32 payload is kept as it is, without a copy; an
-    /// f16 one is converted to f32.
+    /// Decodes a dense payload in `encoding` and checks it: exactly
+    /// `parameter_count` finite values.
     pub fn decode(
-        payload: Bytes,
+        payload: &[u8],
         parameter_count: u64,
         encoding: ValueEncoding,
     ) -> Result<Self, SparseError> {
-        let width = encoding.bytes_per_value();
-        if !payload.len().is_multiple_of(width) {
-            return Err(SparseError::RaggedValues {
-                bytes: payload.len(),
-                width,
-            });
-        }
-        if (payload.len() / width) as u64 != parameter_count {
+        Self::decode_into(payload, parameter_count, encoding, Vec::new())
+    }
+
+    /// Decodes like [`DenseValues::decode`] into `buffer`, whose allocation
+    /// is reused when it is large enough ([`DenseValues::into_buffer`] gives
+    /// it back).
+    pub fn decode_into(
+        payload: &[u8],
+        parameter_count: u64,
+        encoding: ValueEncoding,
+        mut buffer: Vec<f32>,
+    ) -> Result<Self, SparseError> {
+        decode_values_into(payload, encoding, &mut buffer)?;
+        if buffer.len() as u64 != parameter_count {
             return Err(SparseError::DenseLength {
-                values: payload.len() / width,
+                values: buffer.len(),
                 parameter_count,
             });
         }
-        let dense = match encoding {
-            ValueEncoding::F32 => Self { payload },
-            ValueEncoding::F16 => {
-                let values = decode_values_with(&payload, encoding)?;
-                Self::from_values(&values)
-            }
-        };
         // A pass without early exit vectorises; the position is searched
         // for only when some value is not finite.
-        if !dense.values().fold(true, |all, v| all & v.is_finite()) {
-            let (index, value) = dense
-                .values()
+        if !buffer.iter().fold(true, |all, v| all & v.is_finite()) {
+            let (index, &value) = buffer
+                .iter()
                 .enumerate()
                 .find(|(_, v)| !v.is_finite())
                 .expect("a value that is not finite exists");
@@ -135,31 +133,35 @@ impl DenseValues {
                 value,
             });
         }
-        Ok(dense)
+        Ok(Self::from_values(buffer))
+    }
+
+    /// The decoded values' buffer, for a later [`DenseValues::decode_into`].
+    pub fn into_buffer(self) -> Vec<f32> {
+        self.values
     }
 
     /// Wraps `values`, one per parameter.
-    pub fn from_values(values: &[f32]) -> Self {
-        Self {
-            payload: Bytes::from(encode_values(values)),
-        }
+    pub fn from_values(values: Vec<f32>) -> Self {
+        // Folds over a slice vectorise, where a search with an early exit
+        // does not.
+        let largest = values.iter().fold(0f32, |largest, v| largest.max(v.abs()));
+        Self { values, largest }
     }
 
     /// Number of values.
     pub fn len(&self) -> usize {
-        self.payload.len() / 4
+        self.values.len()
     }
 
     /// Whether there are no values.
     pub fn is_empty(&self) -> bool {
-        self.payload.is_empty()
+        self.values.is_empty()
     }
 
     /// The values, index 0 first.
-    pub fn values(&self) -> impl Iterator<Item = f32> + '_ {
-        self.payload
-            .chunks_exact(4)
-            .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
+    pub fn values(&self) -> &[f32] {
+        &self.values
     }
 }
 
@@ -179,10 +181,12 @@ impl Changes {
 
     /// The largest magnitude of a change, 0 for none.
     pub fn largest_magnitude(&self) -> f64 {
-        let largest = |largest: f32, value: f32| largest.max(value.abs());
         let value = match self {
-            Changes::Sparse(slice) => slice.values.iter().copied().fold(0f32, largest),
-            Changes::Dense(values) => values.values().fold(0f32, largest),
+            Changes::Sparse(slice) => slice
+                .values
+                .iter()
+                .fold(0f32, |largest, v| largest.max(v.abs())),
+            Changes::Dense(values) => values.largest,
         };
         f64::from(value)
     }
@@ -193,7 +197,7 @@ impl Changes {
             Changes::Sparse(slice) => Cow::Borrowed(slice),
             Changes::Dense(values) => Cow::Owned(SparseSlice {
                 indices: (0..values.len() as u32).collect(),
-                values: values.values().collect(),
+                values: values.values.clone(),
             }),
         }
     }
@@ -205,14 +209,12 @@ impl Changes {
             Changes::Sparse(slice) => slice.check_bound_with(gamma, encoding),
             Changes::Dense(values) => {
                 let limit = encoding.encoded_bound(gamma);
-                let largest = values
-                    .values()
-                    .fold(0f32, |largest, v| largest.max(v.abs()));
-                if largest <= limit {
+                if values.largest <= limit {
                     return Ok(());
                 }
-                let (index, value) = values
-                    .values()
+                let (index, &value) = values
+                    .values
+                    .iter()
                     .enumerate()
                     .find(|(_, value)| value.abs() > limit)
                     .expect("a value above the bound exists");
@@ -255,7 +257,7 @@ fn first_overflow(parameters: &[f64], changes: &Changes) -> Option<(usize, f32, 
             let any = parameters
                 .iter()
                 .zip(values.values())
-                .fold(false, |any, (&p, v)| any | overflows(p + f64::from(v)));
+                .fold(false, |any, (&p, &v)| any | overflows(p + f64::from(v)));
             if !any {
                 return None;
             }
@@ -263,7 +265,7 @@ fn first_overflow(parameters: &[f64], changes: &Changes) -> Option<(usize, f32, 
                 .iter()
                 .zip(values.values())
                 .enumerate()
-                .map(|(index, (&p, v))| (index, v, p + f64::from(v)))
+                .map(|(index, (&p, &v))| (index, v, p + f64::from(v)))
                 .find(|&(_, _, sum)| overflows(sum))
         }
     }
@@ -617,7 +619,7 @@ impl Store {
                 }
             }
             Changes::Dense(values) => {
-                for ((parameter, counter), value) in parameters
+                for ((parameter, counter), &value) in parameters
                     .iter_mut()
                     .zip(counters.iter_mut())
                     .zip(values.values())
@@ -902,7 +904,7 @@ mod tests {
             Some((1, at, max + half_ulp))
         );
         assert!(((max + half_ulp) as f32).is_infinite());
-        let dense = Changes::Dense(DenseValues::from_values(&[0.0, 0.0, -at]));
+        let dense = Changes::Dense(DenseValues::from_values(vec![0.0, 0.0, -at]));
         assert_eq!(
             first_overflow(&parameters, &dense),
             Some((2, -at, -max - half_ulp))
@@ -910,7 +912,7 @@ mod tests {
         assert_eq!(
             first_overflow(
                 &parameters,
-                &Changes::Dense(DenseValues::from_values(&[0.0; 3]))
+                &Changes::Dense(DenseValues::from_values(vec![0.0; 3]))
             ),
             None
         );
@@ -920,7 +922,7 @@ mod tests {
     fn dense_upload_adds_every_value() {
         let store = joined_store(vec![1.0, 2.0, 3.0]);
         let dense = Upload {
-            changes: Changes::Dense(DenseValues::from_values(&[0.5, -0.5, 0.25])),
+            changes: Changes::Dense(DenseValues::from_values(vec![0.5, -0.5, 0.25])),
             ..upload(1, Vec::new(), Vec::new())
         };
         store.apply(&dense).unwrap();
@@ -932,46 +934,39 @@ mod tests {
     }
 
     #[test]
-    fn dense_payload_is_checked_without_a_copy() {
-        let payload = Bytes::from(encode_values(&[0.5, -0.25, 0.125]));
-        let dense = DenseValues::decode(payload.clone(), 3, ValueEncoding::F32).unwrap();
-        assert_eq!(dense.values().collect::<Vec<_>>(), vec![0.5, -0.25, 0.125]);
+    fn dense_payload_is_checked_and_measured() {
+        let payload = encode_values(&[0.5, -0.75, 0.125]);
+        let dense = DenseValues::decode(&payload, 3, ValueEncoding::F32).unwrap();
+        assert_eq!(dense.values(), [0.5, -0.75, 0.125]);
+        assert_eq!(Changes::Dense(dense).largest_magnitude(), 0.75);
         assert_eq!(
-            dense.payload.as_ptr(),
-            payload.as_ptr(),
-            "an f32 payload is kept, not copied"
-        );
-        assert_eq!(
-            DenseValues::decode(payload.clone(), 4, ValueEncoding::F32),
+            DenseValues::decode(&payload, 4, ValueEncoding::F32),
             Err(SparseError::DenseLength {
                 values: 3,
                 parameter_count: 4
             })
         );
         assert_eq!(
-            DenseValues::decode(payload.slice(1..), 3, ValueEncoding::F32),
+            DenseValues::decode(&payload[1..], 3, ValueEncoding::F32),
             Err(SparseError::RaggedValues {
                 bytes: 11,
                 width: 4
             })
         );
-        let with_nan = Bytes::from(encode_values(&[0.5, f32::NAN, 0.125]));
-        let error = DenseValues::decode(with_nan, 3, ValueEncoding::F32).unwrap_err();
+        let with_nan = encode_values(&[0.5, f32::NAN, 0.125]);
+        let error = DenseValues::decode(&with_nan, 3, ValueEncoding::F32).unwrap_err();
         assert!(
             matches!(error, SparseError::NonFiniteValue { index: 1, .. }),
             "{error}"
         );
-        let half = Bytes::from(dssgd_common::sparse::encode_values_with(
-            &[0.5, -0.25],
-            ValueEncoding::F16,
-        ));
-        let dense = DenseValues::decode(half, 2, ValueEncoding::F16).unwrap();
-        assert_eq!(dense.values().collect::<Vec<_>>(), vec![0.5, -0.25]);
+        let half = dssgd_common::sparse::encode_values_with(&[0.5, -0.25], ValueEncoding::F16);
+        let dense = DenseValues::decode(&half, 2, ValueEncoding::F16).unwrap();
+        assert_eq!(dense.values(), [0.5, -0.25]);
     }
 
     #[test]
     fn dense_bound_check_names_the_first_value_outside() {
-        let dense = Changes::Dense(DenseValues::from_values(&[0.1, -0.3, 0.4]));
+        let dense = Changes::Dense(DenseValues::from_values(vec![0.1, -0.3, 0.4]));
         assert!(dense.check_bound(0.5, ValueEncoding::F32).is_ok());
         assert_eq!(
             dense.check_bound(0.2, ValueEncoding::F32),
