@@ -708,6 +708,42 @@ mod tests {
     }
 
     #[test]
+    fn dense_upload_buffers_are_reused() {
+        let service = Service::new(Arc::new(Store::new()), ServerConfig::default());
+        service.handle_join(join_request()).unwrap();
+        let dense = |upload_id: u64| pb::UploadRequest {
+            participant_id: "p1".into(),
+            upload_id,
+            base_version: 0,
+            layout_hash: "abc".into(),
+            gamma: 1.0,
+            theta_u: 1.0,
+            changes: Some(pb::SparseSlice {
+                values: dssgd_common::sparse::encode_values(&[0.5; 4]).into(),
+                dense: true,
+                ..Default::default()
+            }),
+            turn_token: String::new(),
+            epsilon: 0.0,
+        };
+        service.handle_upload(dense(1)).unwrap();
+        let kept: Vec<usize> = service
+            .dense_buffers
+            .lock()
+            .iter()
+            .map(Vec::capacity)
+            .collect();
+        assert_eq!(kept, vec![4], "the first upload's buffer is kept");
+        service.handle_upload(dense(2)).unwrap();
+        assert_eq!(
+            service.dense_buffers.lock().len(),
+            1,
+            "the second upload took the kept buffer and gave it back"
+        );
+        assert_eq!(service.store.parameters().0, vec![1.0; 4]);
+    }
+
+    #[test]
     fn token_bucket_refills_at_rate() {
         let start = Instant::now();
         let mut bucket = TokenBucket {
