@@ -145,7 +145,7 @@ where
     chosen
 }
 
-/// Returns the bucket, counted from the top, that holds the `k`-th largest
+/// Returns the bucket, counted from the top, that contains the `k`-th largest
 /// key, and how many of `k` that bucket must supply.
 fn boundary_bucket(counts: &[usize], k: usize) -> (usize, usize) {
     let mut above = 0;

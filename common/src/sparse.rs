@@ -391,7 +391,7 @@ impl BitWriter {
 /// itself, then each difference to the previous index minus one) it has
 /// `g >> k` one bits, a zero bit, and the low `k` bits of `g`, lowest
 /// first. The last byte is padded with one bits, which cannot end a code,
-/// so a decoder told to read one entry more than the payload holds finds it
+/// so a decoder that reads one entry more than the payload contains finds it
 /// cut off instead of reading padding as gaps of zero. The number of
 /// entries is not stored: it is the number of values.
 ///
@@ -507,7 +507,9 @@ impl<'a> BitReader<'a> {
             // latest.
             let run = self.buffer.trailing_ones().min(self.buffered);
             if run < self.buffered {
-                self.buffer >>= run + 1;
+                // A run of 63 ones ends at the top bit, so the shift can be
+                // the whole width.
+                self.buffer = self.buffer.checked_shr(run + 1).unwrap_or(0);
                 self.buffered -= run + 1;
                 return Some(ones + u64::from(run));
             }
@@ -543,7 +545,7 @@ impl<'a> BitReader<'a> {
         if length > self.buffered {
             return None;
         }
-        let remainder = (self.buffer >> (run + 1)) & ((1u64 << parameter) - 1);
+        let remainder = self.buffer.checked_shr(run + 1).unwrap_or(0) & ((1u64 << parameter) - 1);
         self.buffer = self.buffer.checked_shr(length).unwrap_or(0);
         self.buffered -= length;
         Some((u64::from(run), remainder))
@@ -558,7 +560,7 @@ impl<'a> BitReader<'a> {
 
 /// Decodes `count` Golomb-Rice coded indices (see [`encode_indices_rice`]),
 /// rejecting any index at or beyond `parameter_count` and a payload that
-/// holds more than `count` entries and the padding of one bits.
+/// contains more than `count` entries and the padding of one bits.
 pub fn decode_indices_rice(
     bytes: &[u8],
     count: usize,
@@ -1137,6 +1139,28 @@ mod tests {
             decode_indices_rice(&[0, 0b1110_1110], 1, 10),
             Err(SparseError::TrailingBits { bits: 7, count: 1 })
         );
+    }
+
+    #[test]
+    fn rice_run_ending_at_the_buffer_top_decodes() {
+        // Consecutive indices after a start of 127 give parameter 0 and a
+        // first code of 127 ones, so some run of ones ends exactly at the
+        // top bit of the 64-bit read buffer.
+        let indices: Vec<u32> = (127..=327).collect();
+        let bytes = encode_indices_rice(&indices);
+        assert_eq!(
+            decode_indices_rice(&bytes, indices.len(), 109_386).unwrap(),
+            indices
+        );
+        for start in 0..200u32 {
+            let indices: Vec<u32> = (start..start + 150).map(|i| i * 2).collect();
+            let bytes = encode_indices_rice(&indices);
+            assert_eq!(
+                decode_indices_rice(&bytes, indices.len(), 1_000).unwrap(),
+                indices,
+                "start {start}"
+            );
+        }
     }
 
     #[test]

@@ -157,7 +157,7 @@ fn main() {
     });
     let first: Vec<usize> = (0..EXAMPLES).collect();
     let train = mnist.train.subset(&first);
-    let python = python();
+    let mut python = python();
     if let Err(reason) = &python {
         eprintln!("no PyTorch reference: {reason}");
     }
@@ -180,13 +180,20 @@ fn main() {
         for _ in 0..ROUNDS {
             let mine = ours(kind, batch_size, &train);
             ours_seconds.push(mine);
-            if let Ok(python) = &python {
-                match pytorch(python, &data_dir, kind, batch_size, threads) {
+            if let Ok(interpreter) = &python {
+                match pytorch(interpreter, &data_dir, kind, batch_size, threads) {
                     Ok(theirs) => {
                         reference_seconds.push(theirs);
                         ratios.push(mine / theirs);
                     }
-                    Err(reason) => eprintln!("no PyTorch reference: {reason}"),
+                    Err(reason) => {
+                        // One failure is reported, and the reference is not
+                        // tried again.
+                        eprintln!(
+                            "no PyTorch reference: {reason}; set DSSGD_PYTHON to a Python with torch 2.13"
+                        );
+                        python = Err(reason);
+                    }
                 }
             }
         }

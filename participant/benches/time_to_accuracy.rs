@@ -21,7 +21,8 @@
 //! for ours (Rice-coded indices, f32 values, dense f32 downloads), and raw
 //! tensors for the references (int32 index and f32 value per uploaded
 //! change, 4 bytes a parameter per dense transfer). Set
-//! `DSSGD_TARGET_ACCURACY` to change the target (default 0.96).
+//! `DSSGD_TARGET_ACCURACY` to change the target (default 0.96). The runs'
+//! outputs and logs stay in `target/time_to_accuracy`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -94,7 +95,11 @@ fn federation(data_dir: &Path, ordering: &str, output: &Path, target: f64) -> Ou
         .arg(output)
         .status()
         .unwrap_or_else(|error| panic!("failed to run {binary}: {error}"));
-    assert!(status.success(), "simulate failed: {status}");
+    assert!(
+        status.success(),
+        "simulate failed ({status}); its logs are in {}",
+        output.join("logs").display()
+    );
     let text =
         std::fs::read_to_string(output.join("summary.json")).expect("simulate writes summary.json");
     let summary: Value = serde_json::from_str(&text).expect("summary.json is JSON");
@@ -185,10 +190,19 @@ fn main() {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(0.96);
-    let data_dir = std::env::var_os("DSSGD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("data/mnist"));
-    let scratch = tempfile::tempdir().expect("a temporary folder");
+    let Some(data_dir) = std::env::var_os("DSSGD_DATA_DIR").map(PathBuf::from) else {
+        eprintln!("set DSSGD_DATA_DIR to a folder with the MNIST files");
+        std::process::exit(2);
+    };
+    // Kept after the run, so that the federation's logs can be read when
+    // it fails.
+    let scratch = workspace_root().join("target/time_to_accuracy");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)
+            .unwrap_or_else(|error| panic!("failed to clear {}: {error}", scratch.display()));
+    }
+    std::fs::create_dir_all(&scratch)
+        .unwrap_or_else(|error| panic!("failed to create {}: {error}", scratch.display()));
     let plan = ShardPlan {
         dataset_len: 60_000,
         participants: PARTICIPANTS,
@@ -196,7 +210,7 @@ fn main() {
         seed: DATA_SEED,
     };
     let shards: Vec<Vec<usize>> = (0..PARTICIPANTS).map(|i| plan.shard(i)).collect();
-    let shards_path = scratch.path().join("shards.json");
+    let shards_path = scratch.join("shards.json");
     std::fs::write(
         &shards_path,
         serde_json::to_string(&shards).expect("shards serialize"),
@@ -205,7 +219,7 @@ fn main() {
 
     let mut outcomes = Vec::new();
     for ordering in ["asynchronous", "round-robin"] {
-        let output = scratch.path().join(ordering);
+        let output = scratch.join(ordering);
         eprintln!("running the federation, {ordering} ordering");
         outcomes.push(federation(&data_dir, ordering, &output, target));
     }

@@ -57,7 +57,7 @@ impl UploadValues {
     /// Largest gamma whose bound binary16 can represent.
     pub const F16_MAX_GAMMA: f64 = 65504.0;
 
-    /// The wire code.
+    /// Returns the wire code.
     pub fn encoding(self) -> ValueEncoding {
         match self {
             UploadValues::F32 => ValueEncoding::F32,

@@ -506,6 +506,11 @@ fn check_setting(key: &str, value: &toml::Value) -> anyhow::Result<()> {
         (Kind::Number, toml::Value::Integer(_)) => Ok(()),
         (Kind::Number, toml::Value::Float(x)) if x.is_finite() => Ok(()),
         (Kind::Number, other) => bail!("invalid {key} {other}: expected a finite number"),
+        (Kind::Text, toml::Value::String(name))
+            if key == "upload_values" && !["f32", "f16"].contains(&name.as_str()) =>
+        {
+            bail!("invalid upload_values {name:?}: expected \"f32\" or \"f16\"")
+        }
         (Kind::Text, toml::Value::String(_)) => Ok(()),
         (Kind::Text, other) => bail!("invalid {key} {other}: expected a name in quotes"),
     }
@@ -1528,7 +1533,8 @@ theta_u = 0.1
             )
             .unwrap_err()
         );
-        assert!(error.contains("f8"), "{error}");
+        assert!(error.contains("invalid upload_values \"f8\""), "{error}");
+        assert!(error.contains("[base]"), "{error}");
     }
 
     #[test]

@@ -70,11 +70,12 @@ pub struct SimulateArgs {
     #[arg(long, env = "DSSGD_PARTICIPANTS_PER_PROCESS", default_value_t = 0)]
     pub participants_per_process: usize,
 
-    /// After every round of uploads (one per participant), download the
-    /// global model and record its test accuracy with the time and the
-    /// payload bytes so far in summary.json (`global_curve`). The snapshots
-    /// are kept in memory (4 bytes a parameter each) and evaluated after
-    /// the run, so the participants lose no time to them.
+    /// About once per round of uploads (one per participant; the server is
+    /// polled every 50 ms), download the global model and record its test
+    /// accuracy with the time and the payload bytes so far in summary.json
+    /// (`global_curve`). The snapshots are kept in memory (4 bytes a
+    /// parameter each) and evaluated after the run, so the participants
+    /// lose no time to them.
     #[arg(long, env = "DSSGD_GLOBAL_CURVE")]
     pub global_curve: bool,
 }
@@ -160,7 +161,7 @@ pub struct Summary {
 pub struct GlobalPoint {
     /// Seconds since the server started.
     pub seconds: f64,
-    /// Uploads applied so far.
+    /// Uploads applied to the evaluated parameters (their version).
     pub uploads: u64,
     /// Version of the evaluated parameters.
     pub version: u64,
@@ -169,8 +170,8 @@ pub struct GlobalPoint {
     /// Payload bytes (indices and values) of the participants' applied
     /// uploads so far.
     pub uploaded_bytes: u64,
-    /// Payload bytes of the participants' downloads so far; the curve's own
-    /// downloads are left out.
+    /// Payload bytes of the participants' downloads so far, their final
+    /// downloads included; the curve's own downloads are left out.
     pub downloaded_bytes: u64,
 }
 
@@ -590,17 +591,18 @@ impl GlobalCurve {
         // Each snapshot downloaded the whole model as f32; the server counts
         // those downloads with the participants'.
         let own_bytes = (self.snapshots.len() as u64 + 1) * 4 * parameters.len() as u64;
-        let uploads = status.participants.iter().map(|p| p.uploads).sum();
+        // The version counts the uploads in the downloaded parameters; the
+        // status, read a moment later, may count a few more bytes.
         let point = GlobalPoint {
             seconds,
-            uploads,
+            uploads: version,
             version,
             accuracy: f64::NAN,
             uploaded_bytes: status.uploaded_bytes,
             downloaded_bytes: status.downloaded_bytes.saturating_sub(own_bytes),
         };
         self.snapshots.push((point, parameters));
-        self.next = (uploads / participants + 1) * participants;
+        self.next = (version / participants + 1) * participants;
         Ok(())
     }
 

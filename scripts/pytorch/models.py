@@ -32,28 +32,3 @@ def build(kind):
         )
     raise SystemExit(f"invalid model {kind!r}: expected mlp or cnn")
 
-
-def flat_parameters(model):
-    """The parameters as one vector, in the Rust participant's order: the
-    variables sorted by name (fc1.bias before fc1.weight), each flattened in
-    row-major order. PyTorch names Sequential layers by position, so the
-    names are mapped to the Rust ones first."""
-    return [tensor for _, tensor in sorted(named_parameters(model))]
-
-
-def named_parameters(model):
-    """(Rust name, tensor) of every parameter of MODEL."""
-    layers = [module for module in model if isinstance(module, (nn.Linear, nn.Conv2d))]
-    names = []
-    convolutions = 0
-    linears = 0
-    for layer in layers:
-        if isinstance(layer, nn.Conv2d):
-            convolutions += 1
-            prefix = f"conv{convolutions}"
-        else:
-            linears += 1
-            prefix = f"fc{linears}"
-        names.append((f"{prefix}.bias", layer.bias))
-        names.append((f"{prefix}.weight", layer.weight))
-    return names

@@ -136,7 +136,8 @@ impl DenseValues {
         Ok(Self::from_values(buffer))
     }
 
-    /// The decoded values' buffer, for a later [`DenseValues::decode_into`].
+    /// Returns the decoded values' buffer, for a later
+    /// [`DenseValues::decode_into`].
     pub fn into_buffer(self) -> Vec<f32> {
         self.values
     }
@@ -154,12 +155,12 @@ impl DenseValues {
         self.values.len()
     }
 
-    /// Whether there are no values.
+    /// Returns whether there are no values.
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
 
-    /// The values, index 0 first.
+    /// Returns the values, index 0 first.
     pub fn values(&self) -> &[f32] {
         &self.values
     }
@@ -174,12 +175,12 @@ impl Changes {
         }
     }
 
-    /// Whether no parameter changes.
+    /// Returns whether no parameter changes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The largest magnitude of a change, 0 for none.
+    /// Returns the largest magnitude of a change, 0 for none.
     pub fn largest_magnitude(&self) -> f64 {
         let value = match self {
             Changes::Sparse(slice) => slice
@@ -191,7 +192,8 @@ impl Changes {
         f64::from(value)
     }
 
-    /// The changes as a sparse slice; a dense upload lists every index.
+    /// Returns the changes as a sparse slice, in which a dense upload lists
+    /// every index.
     pub fn to_sparse(&self) -> Cow<'_, SparseSlice> {
         match self {
             Changes::Sparse(slice) => Cow::Borrowed(slice),
@@ -232,7 +234,7 @@ impl Changes {
 /// f32::MAX and 2^128. Exact in f64.
 const F32_OVERFLOW: f64 = f32::MAX as f64 + f64::from_bits((1023 + 103) << 52);
 
-/// The largest magnitude in `values`, 0 for none.
+/// Returns the largest magnitude in `values`, 0 for none.
 fn largest_magnitude(values: &[f64]) -> f64 {
     values.iter().fold(0f64, |largest, v| largest.max(v.abs()))
 }
