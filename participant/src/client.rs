@@ -276,11 +276,23 @@ impl Client {
                 Err(status) if is_retryable(&status) => {
                     let elapsed = started.elapsed();
                     if elapsed >= self.retry.give_up_after {
+                        let mut last = status_detail(&status);
+                        // A TLS server closes a plaintext connection, which
+                        // the client sees as a broken pipe or a reset when
+                        // its write races the server's close.
+                        let closed = ["broken pipe", "connection reset", "h2 protocol error"]
+                            .iter()
+                            .any(|symptom| last.to_lowercase().contains(symptom));
+                        if self.address.starts_with("http://") && closed {
+                            last.push_str(
+                                "; the server may require TLS: connect with https:// and --tls-ca",
+                            );
+                        }
                         return Err(ClientError::GaveUp {
                             rpc,
                             address: self.address.clone(),
                             seconds: elapsed.as_secs_f64(),
-                            last: status_detail(&status),
+                            last,
                         });
                     }
                     warn!(
