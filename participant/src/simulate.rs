@@ -175,15 +175,6 @@ pub struct GlobalPoint {
     pub downloaded_bytes: u64,
 }
 
-impl Summary {
-    /// Returns the first point of the global curve at or above `accuracy`.
-    pub fn first_reaching(&self, accuracy: f64) -> Option<&GlobalPoint> {
-        self.global_curve
-            .iter()
-            .find(|point| point.accuracy >= accuracy)
-    }
-}
-
 /// Privacy spend over the simulated federation.
 #[derive(Debug, Default, Serialize)]
 pub struct PrivacyTotals {
