@@ -24,6 +24,9 @@ use dssgd_participant::train::{LocalTrainer, SgdConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+mod support;
+use support::{env_setting, median, python, workspace_root};
+
 /// The participant binary's allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -32,39 +35,6 @@ const EXAMPLES: usize = 600;
 const EPOCHS: usize = 20;
 const ROUNDS: usize = 3;
 const LEARNING_RATE: f64 = 0.1;
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the participant crate is in the workspace")
-        .to_path_buf()
-}
-
-/// Returns the Python with PyTorch 2.13, or why there is none.
-fn python() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("DSSGD_PYTHON") {
-        return Ok(PathBuf::from(path));
-    }
-    let script = workspace_root().join("scripts/pytorch-env.sh");
-    let output = Command::new(&script)
-        .output()
-        .map_err(|error| format!("failed to run {}: {error}", script.display()))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(PathBuf::from(
-        String::from_utf8_lossy(&output.stdout).trim().to_string(),
-    ))
-}
 
 /// Median seconds of an epoch of ours.
 fn ours(kind: ModelKind, batch_size: usize, train: &Dataset) -> f64 {
@@ -143,10 +113,9 @@ fn pytorch(
 }
 
 fn main() {
-    let threads: usize = std::env::var("DSSGD_BENCH_THREADS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(1);
+    let threads: usize = env_setting("DSSGD_BENCH_THREADS", 1, "a whole number from 1", |&n| {
+        n > 0
+    });
     tch::set_num_threads(threads as i32);
     tch::set_num_interop_threads(1);
     let data_dir = std::env::var_os("DSSGD_DATA_DIR")

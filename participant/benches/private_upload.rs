@@ -24,14 +24,12 @@ use dssgd_participant::train::{LocalTrainer, SgdConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+mod support;
+use support::median;
+
 const SHARD: usize = 600;
 const EPOCHS: usize = 5;
 const RELEASES: usize = 5;
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 fn main() {
     // cargo bench passes --bench; nothing else is accepted.

@@ -25,16 +25,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+mod support;
+use support::median;
+
 /// The participant binary's allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const REPEATS: usize = 7;
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 /// Seconds of one local MLP epoch on 600 images, the median of five.
 fn local_epoch() -> Option<f64> {

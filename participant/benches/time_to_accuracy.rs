@@ -30,37 +30,12 @@ use std::process::Command;
 use dssgd_common::shard::ShardPlan;
 use serde_json::Value;
 
+mod support;
+use support::{env_setting, python, workspace_root};
+
 const PARTICIPANTS: usize = 30;
 const EPOCHS: usize = 60;
 const DATA_SEED: u64 = 1;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the participant crate is in the workspace")
-        .to_path_buf()
-}
-
-/// Returns the Python with PyTorch 2.13, or why there is none.
-fn python() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("DSSGD_PYTHON") {
-        return Ok(PathBuf::from(path));
-    }
-    let script = workspace_root().join("scripts/pytorch-env.sh");
-    let output = Command::new(&script)
-        .output()
-        .map_err(|error| format!("failed to run {}: {error}", script.display()))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(PathBuf::from(
-        String::from_utf8_lossy(&output.stdout).trim().to_string(),
-    ))
-}
 
 /// When a run first reached the target.
 struct Reached {
@@ -76,6 +51,26 @@ struct Outcome {
     reached: Option<Reached>,
     best: f64,
     wall_seconds: f64,
+}
+
+/// Reads an accuracy curve (a JSON array of points with an `accuracy`):
+/// its best accuracy, and the first point at or above `target`, read by
+/// `reached`.
+fn read_curve(
+    curve: &Value,
+    target: f64,
+    reached: impl Fn(&Value) -> Reached,
+) -> (f64, Option<Reached>) {
+    let points = curve.as_array().map(Vec::as_slice).unwrap_or_default();
+    let best = points
+        .iter()
+        .filter_map(|point| point["accuracy"].as_f64())
+        .fold(0.0, f64::max);
+    let first = points
+        .iter()
+        .find(|point| point["accuracy"].as_f64().unwrap_or(0.0) >= target)
+        .map(reached);
+    (best, first)
 }
 
 /// Runs the federation in `ordering` and reads its global curve.
@@ -103,23 +98,12 @@ fn federation(data_dir: &Path, ordering: &str, output: &Path, target: f64) -> Ou
     let text =
         std::fs::read_to_string(output.join("summary.json")).expect("simulate writes summary.json");
     let summary: Value = serde_json::from_str(&text).expect("summary.json is JSON");
-    let curve = summary["global_curve"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let best = curve
-        .iter()
-        .filter_map(|point| point["accuracy"].as_f64())
-        .fold(0.0, f64::max);
-    let reached = curve
-        .iter()
-        .find(|point| point["accuracy"].as_f64().unwrap_or(0.0) >= target)
-        .map(|point| Reached {
-            seconds: point["seconds"].as_f64().unwrap_or(f64::NAN),
-            uploads: point["uploads"].as_u64().unwrap_or(0),
-            bytes: point["uploaded_bytes"].as_u64().unwrap_or(0)
-                + point["downloaded_bytes"].as_u64().unwrap_or(0),
-        });
+    let (best, reached) = read_curve(&summary["global_curve"], target, |point| Reached {
+        seconds: point["seconds"].as_f64().unwrap_or(f64::NAN),
+        uploads: point["uploads"].as_u64().unwrap_or(0),
+        bytes: point["uploaded_bytes"].as_u64().unwrap_or(0)
+            + point["downloaded_bytes"].as_u64().unwrap_or(0),
+    });
     Outcome {
         name: format!("ours, {ordering}"),
         reached,
@@ -164,19 +148,11 @@ fn reference(
             "the reference runs torch {version}, not 2.13; set DSSGD_PYTHON to a Python with torch 2.13"
         ));
     }
-    let curve = report["curve"].as_array().cloned().unwrap_or_default();
-    let best = curve
-        .iter()
-        .filter_map(|point| point["accuracy"].as_f64())
-        .fold(0.0, f64::max);
-    let reached = curve
-        .iter()
-        .find(|point| point["accuracy"].as_f64().unwrap_or(0.0) >= target)
-        .map(|point| Reached {
-            seconds: point["seconds"].as_f64().unwrap_or(f64::NAN),
-            uploads: point["round"].as_u64().unwrap_or(0) * PARTICIPANTS as u64,
-            bytes: point["bytes"].as_u64().unwrap_or(0),
-        });
+    let (best, reached) = read_curve(&report["curve"], target, |point| Reached {
+        seconds: point["seconds"].as_f64().unwrap_or(f64::NAN),
+        uploads: point["round"].as_u64().unwrap_or(0) * PARTICIPANTS as u64,
+        bytes: point["bytes"].as_u64().unwrap_or(0),
+    });
     Ok(Outcome {
         name: format!("PyTorch script, {algorithm}"),
         reached,
@@ -186,10 +162,12 @@ fn reference(
 }
 
 fn main() {
-    let target: f64 = std::env::var("DSSGD_TARGET_ACCURACY")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.96);
+    let target: f64 = env_setting(
+        "DSSGD_TARGET_ACCURACY",
+        0.96,
+        "an accuracy above 0 and at most 1",
+        |&accuracy| accuracy > 0.0 && accuracy <= 1.0,
+    );
     let Some(data_dir) = std::env::var_os("DSSGD_DATA_DIR").map(PathBuf::from) else {
         eprintln!("set DSSGD_DATA_DIR to a folder with the MNIST files");
         std::process::exit(2);

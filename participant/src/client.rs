@@ -391,16 +391,9 @@ impl Client {
                 .map_err(|error| invalid(error.to_string()))?;
             (None, values)
         } else {
-            let indices = match pb::IndexEncoding::try_from(slice.index_encoding) {
-                Ok(pb::IndexEncoding::DeltaVarint) => IndexEncoding::DeltaVarint,
-                Ok(pb::IndexEncoding::Rice) => IndexEncoding::Rice,
-                Err(_) => {
-                    return Err(invalid(format!(
-                        "unknown index_encoding {}",
-                        slice.index_encoding
-                    )));
-                }
-            };
+            let indices = pb::IndexEncoding::try_from(slice.index_encoding)
+                .map(IndexEncoding::from)
+                .map_err(|_| invalid(format!("unknown index_encoding {}", slice.index_encoding)))?;
             let encoding = SliceEncoding {
                 indices,
                 values: ValueEncoding::F32,

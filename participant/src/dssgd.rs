@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use dssgd_common::config::Ordering;
 use dssgd_common::privacy::{DiscreteLaplace, PrivacyError, PrivateUpload};
 use dssgd_common::select::{fraction_count, gather_bounded, select_largest, select_threshold};
-use dssgd_common::sparse::{self, ValueEncoding};
+use dssgd_common::sparse::{self, IndexEncoding, SliceEncoding, ValueEncoding};
 use dssgd_proto::v1 as pb;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -504,17 +504,15 @@ fn encode_changes(
     values: &[f32],
     values_encoding: UploadValues,
 ) -> pb::SparseSlice {
-    let value_encoding = values_encoding.encoding();
-    pb::SparseSlice {
-        indices: sparse::encode_indices_rice(indices).into(),
-        values: sparse::encode_values_with(values, value_encoding).into(),
-        dense: false,
-        index_encoding: pb::IndexEncoding::Rice as i32,
-        value_encoding: match value_encoding {
-            ValueEncoding::F32 => pb::ValueEncoding::F32,
-            ValueEncoding::F16 => pb::ValueEncoding::F16,
-        } as i32,
-    }
+    let encoding = SliceEncoding {
+        indices: IndexEncoding::Rice,
+        values: values_encoding.encoding(),
+    };
+    pb::SparseSlice::from_payloads(
+        sparse::encode_indices_rice(indices),
+        sparse::encode_values_with(values, encoding.values),
+        encoding,
+    )
 }
 
 /// Writes downloaded values into the local model; returns how many.

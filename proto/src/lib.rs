@@ -1,11 +1,13 @@
 //! Generated gRPC types of the DSSGD protocol (package `dssgd.v1`).
 //!
-//! This crate owns the wire format only; the server and participant convert
-//! these messages into their own domain types at the service boundary.
+//! This crate owns the wire format. It converts the payload codes of
+//! `dssgd-common` to and from their wire numbers; the server and participant
+//! convert the messages into their own domain types at the service boundary.
 
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
 pub mod codec;
+mod convert;
 
 /// Version 1 of the protocol.
 pub mod v1 {

@@ -15,14 +15,16 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use dssgd_common::select::fraction_count;
-use dssgd_common::sparse::{SliceEncoding, SparseSlice, encode_values};
+use dssgd_common::sparse::{IndexEncoding, SliceEncoding, ValueEncoding, encode_values};
 use dssgd_proto::v1 as pb;
 use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
-use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use tonic::transport::Channel;
+
+mod support;
+use support::{participant_channel, random_changes};
 
 const MLP: usize = 109_386;
 const CALLS: usize = 100;
@@ -98,40 +100,17 @@ impl Profiled {
 }
 
 fn changes(rng: &mut ChaCha8Rng, count: usize) -> pb::SparseSlice {
-    let mut indices: Vec<u32> = sample(rng, MLP, count)
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
-    indices.sort_unstable();
-    let values = indices
-        .iter()
-        .map(|_| rng.random_range(-GAMMA as f32..GAMMA as f32))
-        .collect();
     let encoding = SliceEncoding {
-        indices: dssgd_common::sparse::IndexEncoding::Rice,
-        values: dssgd_common::sparse::ValueEncoding::F32,
+        indices: IndexEncoding::Rice,
+        values: ValueEncoding::F32,
     };
-    let (indices, values) = SparseSlice { indices, values }.encode_with(encoding);
-    pb::SparseSlice {
-        indices: indices.into(),
-        values: values.into(),
-        dense: false,
-        index_encoding: pb::IndexEncoding::Rice as i32,
-        value_encoding: pb::ValueEncoding::F32 as i32,
-    }
+    let (indices, values) = random_changes(rng, MLP, count, GAMMA as f32).encode_with(encoding);
+    pb::SparseSlice::from_payloads(indices, values, encoding)
 }
 
 /// Makes `calls` calls of `call` against the server at `address`.
 async fn drive(address: &str, call: Call, calls: usize) {
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .expect("a valid address")
-        .tcp_nodelay(true)
-        .initial_stream_window_size(dssgd_server::HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(dssgd_server::HTTP2_CONNECTION_WINDOW)
-        .max_frame_size(dssgd_server::HTTP2_MAX_FRAME_SIZE)
-        .connect()
-        .await
-        .expect("the server accepts connections");
+    let channel = participant_channel(&format!("http://{address}")).await;
     let mut client = ParameterServerClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -158,17 +137,23 @@ async fn drive(address: &str, call: Call, calls: usize) {
         _ => 0,
     };
     let mut next_id = 1;
+    let sparse_count = fraction_count(0.1, MLP);
     for _ in 0..warm {
-        upload(&mut client, &mut rng, next_id, fraction_count(0.1, MLP)).await;
+        let changes = changes(&mut rng, sparse_count);
+        upload(&mut client, next_id, 0.1, changes).await;
         next_id += 1;
     }
     for _ in 0..calls {
         match call {
-            Call::TinyUpload => upload(&mut client, &mut rng, next_id, 1).await,
-            Call::SparseUpload => {
-                upload(&mut client, &mut rng, next_id, fraction_count(0.1, MLP)).await
+            Call::TinyUpload => {
+                let changes = changes(&mut rng, 1);
+                upload(&mut client, next_id, 0.1, changes).await
             }
-            Call::DenseUpload => dense_upload(&mut client, next_id).await,
+            Call::SparseUpload => {
+                let changes = changes(&mut rng, sparse_count);
+                upload(&mut client, next_id, 0.1, changes).await
+            }
+            Call::DenseUpload => upload(&mut client, next_id, 1.0, dense_changes()).await,
             Call::DenseDownload | Call::SparseDownload => {
                 let theta_d = if matches!(call, Call::DenseDownload) {
                     1.0
@@ -189,11 +174,12 @@ async fn drive(address: &str, call: Call, calls: usize) {
     }
 }
 
+/// Uploads `changes` as participant p0's upload `id`.
 async fn upload(
     client: &mut ParameterServerClient<Channel>,
-    rng: &mut ChaCha8Rng,
     id: u64,
-    count: usize,
+    theta_u: f64,
+    changes: pb::SparseSlice,
 ) {
     client
         .upload_gradients(pb::UploadRequest {
@@ -202,8 +188,8 @@ async fn upload(
             base_version: 0,
             layout_hash: LAYOUT.into(),
             gamma: GAMMA,
-            theta_u: 0.1,
-            changes: Some(changes(rng, count)),
+            theta_u,
+            changes: Some(changes),
             turn_token: String::new(),
             epsilon: 0.0,
         })
@@ -211,25 +197,12 @@ async fn upload(
         .expect("the upload is applied");
 }
 
-async fn dense_upload(client: &mut ParameterServerClient<Channel>, id: u64) {
-    client
-        .upload_gradients(pb::UploadRequest {
-            participant_id: "p0".into(),
-            upload_id: id,
-            base_version: 0,
-            layout_hash: LAYOUT.into(),
-            gamma: GAMMA,
-            theta_u: 1.0,
-            changes: Some(pb::SparseSlice {
-                values: encode_values(&vec![0.001; MLP]).into(),
-                dense: true,
-                ..Default::default()
-            }),
-            turn_token: String::new(),
-            epsilon: 0.0,
-        })
-        .await
-        .expect("the dense upload is applied");
+fn dense_changes() -> pb::SparseSlice {
+    pb::SparseSlice {
+        values: encode_values(&vec![0.001; MLP]).into(),
+        dense: true,
+        ..Default::default()
+    }
 }
 
 /// Returns the total blocks and bytes that the profiled process allocated.

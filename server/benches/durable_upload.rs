@@ -31,10 +31,12 @@ use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
 use dssgd_server::durable::{DurableOptions, StateError};
 use dssgd_server::store::{Changes, ModelInfo, Upload};
 use dssgd_server::{ServerConfig, Store};
-use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::net::TcpListener;
+
+mod support;
+use support::random_changes;
 
 const N: usize = 109_386;
 const GAMMA: f64 = 0.01;
@@ -89,18 +91,8 @@ fn model() -> ModelInfo {
     }
 }
 
-fn random_changes(rng: &mut ChaCha8Rng, theta_u: f64) -> SparseSlice {
-    let count = fraction_count(theta_u, N);
-    let mut indices: Vec<u32> = sample(rng, N, count)
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
-    indices.sort_unstable();
-    let values = indices
-        .iter()
-        .map(|_| rng.random_range(-GAMMA as f32..GAMMA as f32))
-        .collect();
-    SparseSlice { indices, values }
+fn random_upload_changes(rng: &mut ChaCha8Rng, theta_u: f64) -> SparseSlice {
+    random_changes(rng, N, fraction_count(theta_u, N), GAMMA as f32)
 }
 
 fn database_megabytes(dir: &Option<tempfile::TempDir>) -> String {
@@ -114,7 +106,7 @@ fn database_megabytes(dir: &Option<tempfile::TempDir>) -> String {
 fn bench_store(mode: Mode, theta_u: f64, uploads: usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let changes: Vec<SparseSlice> = (0..uploads)
-        .map(|_| random_changes(&mut rng, theta_u))
+        .map(|_| random_upload_changes(&mut rng, theta_u))
         .collect();
     let (store, dir) = mode.store(1).expect("the bench database opens");
     let started = Instant::now();
@@ -160,7 +152,7 @@ async fn bench_grpc(mode: Mode, theta_u: f64, clients: usize, uploads_per_client
     for client in 0..clients {
         let batch: Vec<pb::UploadRequest> = (0..uploads_per_client)
             .map(|id| {
-                let changes = random_changes(&mut rng, theta_u);
+                let changes = random_upload_changes(&mut rng, theta_u);
                 pb::UploadRequest {
                     participant_id: format!("p{client}"),
                     upload_id: id as u64 + 1,

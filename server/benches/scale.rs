@@ -20,9 +20,11 @@ use dssgd_common::select::fraction_count;
 use dssgd_common::sparse::{IndexEncoding, SparseSlice};
 use dssgd_server::Store;
 use dssgd_server::store::{Changes, ModelInfo, Upload};
-use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+
+mod support;
+use support::random_changes;
 
 const GAMMA: f32 = 0.001;
 
@@ -43,19 +45,6 @@ fn model(n: usize) -> ModelInfo {
         parameter_count: n as u64,
         layout_hash: "bench".into(),
     }
-}
-
-fn changes(rng: &mut ChaCha8Rng, n: usize, count: usize) -> SparseSlice {
-    let mut indices: Vec<u32> = sample(rng, n, count)
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
-    indices.sort_unstable();
-    let values = indices
-        .iter()
-        .map(|_| rng.random_range(-GAMMA..GAMMA))
-        .collect();
-    SparseSlice { indices, values }
 }
 
 fn by_model_size() {
@@ -80,7 +69,7 @@ fn by_model_size() {
                 participant: "p0".into(),
                 upload_id: id as u64 + 1,
                 base_version: 0,
-                changes: Changes::Sparse(changes(&mut rng, n, count)),
+                changes: Changes::Sparse(random_changes(&mut rng, n, count, GAMMA)),
                 epsilon: 0.0,
             };
             let started = Instant::now();
@@ -134,7 +123,9 @@ fn by_participants() {
         let count = fraction_count(0.1, N);
         let mut rng = ChaCha8Rng::seed_from_u64(participants as u64);
         let uploads = 2_000;
-        let batch: Vec<SparseSlice> = (0..uploads).map(|_| changes(&mut rng, N, count)).collect();
+        let batch: Vec<SparseSlice> = (0..uploads)
+            .map(|_| random_changes(&mut rng, N, count, GAMMA))
+            .collect();
         let started = Instant::now();
         for (k, changes) in batch.into_iter().enumerate() {
             let upload = Upload {

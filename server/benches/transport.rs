@@ -32,9 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use dssgd_common::select::fraction_count;
-use dssgd_common::sparse::{
-    IndexEncoding, SliceEncoding, SparseSlice, ValueEncoding, encode_values,
-};
+use dssgd_common::sparse::{IndexEncoding, SliceEncoding, ValueEncoding, encode_values};
 use dssgd_proto::bench::v1 as bench;
 use dssgd_proto::bench::v1::baseline_client::BaselineClient;
 use dssgd_proto::bench::v1::baseline_server::{Baseline, BaselineServer};
@@ -43,13 +41,15 @@ use dssgd_proto::v1::parameter_server_client::ParameterServerClient;
 use dssgd_server::store::ModelInfo;
 use dssgd_server::{ServerConfig, Store};
 use prost::Message;
-use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+
+mod support;
+use support::{participant_channel, random_changes};
 
 /// Parameters of the MLP.
 const MLP: usize = 109_386;
@@ -83,12 +83,19 @@ impl Baseline for Bare {
     }
 }
 
+/// Reads `DSSGD_BENCH_REPEATS` (default 5); an invalid value ends the
+/// benchmark with a message that names it.
 fn repeats() -> usize {
-    std::env::var("DSSGD_BENCH_REPEATS")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(5)
+    let Ok(text) = std::env::var("DSSGD_BENCH_REPEATS") else {
+        return 5;
+    };
+    match text.parse() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            eprintln!("invalid DSSGD_BENCH_REPEATS {text:?}: expected a whole number from 1");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// The figures named on the command line (`ingest` is figure 1, `bulk`
@@ -183,19 +190,6 @@ async fn start_bare() -> String {
     address
 }
 
-async fn channel(address: &str) -> Channel {
-    // The participant's client settings.
-    Channel::from_shared(address.to_string())
-        .expect("valid address")
-        .tcp_nodelay(true)
-        .initial_stream_window_size(dssgd_server::HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(dssgd_server::HTTP2_CONNECTION_WINDOW)
-        .max_frame_size(dssgd_server::HTTP2_MAX_FRAME_SIZE)
-        .connect()
-        .await
-        .expect("the bench server accepts connections")
-}
-
 fn ours(channel: Channel) -> ParameterServerClient<Channel> {
     ParameterServerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
@@ -234,17 +228,7 @@ fn upload_with(
     count: usize,
     encoding: SliceEncoding,
 ) -> pb::UploadRequest {
-    let mut indices: Vec<u32> = sample(rng, n, count)
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
-    indices.sort_unstable();
-    let values: Vec<f32> = indices
-        .iter()
-        .map(|_| rng.random_range(-GAMMA as f32..GAMMA as f32))
-        .collect();
-    let slice = SparseSlice { indices, values };
-    let (indices, values) = slice.encode_with(encoding);
+    let (indices, values) = random_changes(rng, n, count, GAMMA as f32).encode_with(encoding);
     pb::UploadRequest {
         participant_id: format!("p{participant}"),
         upload_id: id,
@@ -252,19 +236,7 @@ fn upload_with(
         layout_hash: "0123456789abcdef".into(),
         gamma: GAMMA,
         theta_u: (count as f64 / n as f64).min(1.0),
-        changes: Some(pb::SparseSlice {
-            indices: indices.into(),
-            values: values.into(),
-            dense: false,
-            index_encoding: match encoding.indices {
-                IndexEncoding::DeltaVarint => pb::IndexEncoding::DeltaVarint,
-                IndexEncoding::Rice => pb::IndexEncoding::Rice,
-            } as i32,
-            value_encoding: match encoding.values {
-                ValueEncoding::F32 => pb::ValueEncoding::F32,
-                ValueEncoding::F16 => pb::ValueEncoding::F16,
-            } as i32,
-        }),
+        changes: Some(pb::SparseSlice::from_payloads(indices, values, encoding)),
         turn_token: String::new(),
         epsilon: 0.0,
     }
@@ -329,7 +301,7 @@ async fn sparse_ingest(repeats: usize) {
             .map(|batch| {
                 let server = server.clone();
                 tokio::spawn(async move {
-                    let mut client = ours(channel(&server).await);
+                    let mut client = ours(participant_channel(&server).await);
                     for request in batch {
                         client
                             .upload_gradients(request)
@@ -349,7 +321,7 @@ async fn sparse_ingest(repeats: usize) {
             .map(|_| {
                 let baseline = baseline.clone();
                 tokio::spawn(async move {
-                    let mut client = bare(channel(&baseline).await);
+                    let mut client = bare(participant_channel(&baseline).await);
                     for _ in 0..PER_CLIENT {
                         let blob = bench::Blob {
                             data: vec![7u8; size],
@@ -412,7 +384,7 @@ async fn bulk_transfer(repeats: usize) {
     const TRANSFERS: usize = 20;
     let bytes = BULK * 4;
     let server = start_server(BULK, 1).await;
-    let mut client = ours(channel(&server).await);
+    let mut client = ours(participant_channel(&server).await);
     let download_raw = start_raw(bytes, 1).await;
     let upload_raw = start_raw(0, bytes).await;
     let (mut down, mut raw_down, mut up, mut raw_up) =
@@ -494,7 +466,7 @@ async fn bulk_transfer(repeats: usize) {
 async fn small_call_latency(repeats: usize) {
     const CALLS: usize = 2_000;
     let server = start_server(MLP, 1).await;
-    let mut client = ours(channel(&server).await);
+    let mut client = ours(participant_channel(&server).await);
     let raw = start_raw(0, 1).await;
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut next_id = 1u64;
@@ -547,8 +519,8 @@ async fn server_overhead(repeats: usize) {
     let mut ours_channels = Vec::new();
     let mut bare_channels = Vec::new();
     for _ in 0..CONNECTIONS {
-        ours_channels.push(channel(&server).await);
-        bare_channels.push(channel(&baseline).await);
+        ours_channels.push(participant_channel(&server).await);
+        bare_channels.push(participant_channel(&baseline).await);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let size = upload(&mut rng, 0, 1, MLP, 1).encoded_len();
@@ -688,7 +660,7 @@ async fn wire_efficiency() {
             let encoding = SliceEncoding { indices, values };
             let upstream = Arc::new(AtomicU64::new(0));
             let relay = start_relay(target, Arc::clone(&upstream)).await;
-            let mut client = ours(channel(&format!("http://{relay}")).await);
+            let mut client = ours(participant_channel(&format!("http://{relay}")).await);
             let requests: Vec<pb::UploadRequest> = (0..UPLOADS)
                 .map(|k| upload_with(&mut rng, 0, next_id + k as u64, MLP, count, encoding))
                 .collect();

@@ -176,7 +176,7 @@ impl Service {
             dense: download.indices.is_none(),
             indices: download.indices.unwrap_or_default().into(),
             values: download.values.into(),
-            index_encoding: to_proto_index_encoding(index_encoding) as i32,
+            index_encoding: pb::IndexEncoding::from(index_encoding) as i32,
             value_encoding: pb::ValueEncoding::F32 as i32,
         };
         let bytes = parameters.indices.len() + parameters.values.len();
@@ -413,38 +413,25 @@ fn slice_encoding(
     slice: &pb::SparseSlice,
 ) -> Result<SliceEncoding, ServerError> {
     let indices = index_encoding(field, slice.index_encoding)?;
-    let values = match pb::ValueEncoding::try_from(slice.value_encoding) {
-        Ok(pb::ValueEncoding::F32) => ValueEncoding::F32,
-        Ok(pb::ValueEncoding::F16) => ValueEncoding::F16,
-        Err(_) => {
-            return Err(ServerError::InvalidField {
-                field,
-                reason: format!(
-                    "unknown value_encoding {}; expected 0 (f32) or 1 (f16)",
-                    slice.value_encoding
-                ),
-            });
-        }
-    };
+    let values = pb::ValueEncoding::try_from(slice.value_encoding)
+        .map(ValueEncoding::from)
+        .map_err(|_| ServerError::InvalidField {
+            field,
+            reason: format!(
+                "unknown value_encoding {}; expected 0 (f32) or 1 (f16)",
+                slice.value_encoding
+            ),
+        })?;
     Ok(SliceEncoding { indices, values })
 }
 
 fn index_encoding(field: &'static str, code: i32) -> Result<IndexEncoding, ServerError> {
-    match pb::IndexEncoding::try_from(code) {
-        Ok(pb::IndexEncoding::DeltaVarint) => Ok(IndexEncoding::DeltaVarint),
-        Ok(pb::IndexEncoding::Rice) => Ok(IndexEncoding::Rice),
-        Err(_) => Err(ServerError::InvalidField {
+    pb::IndexEncoding::try_from(code)
+        .map(IndexEncoding::from)
+        .map_err(|_| ServerError::InvalidField {
             field,
             reason: format!("unknown index_encoding {code}; expected 0 (delta varint) or 1 (Rice)"),
-        }),
-    }
-}
-
-fn to_proto_index_encoding(encoding: IndexEncoding) -> pb::IndexEncoding {
-    match encoding {
-        IndexEncoding::DeltaVarint => pb::IndexEncoding::DeltaVarint,
-        IndexEncoding::Rice => pb::IndexEncoding::Rice,
-    }
+        })
 }
 
 fn to_proto_model(model: &ModelInfo) -> pb::ModelInfo {

@@ -1193,19 +1193,7 @@ fn encoded_slice(indices: &[u32], values: &[f32], encoding: SliceEncoding) -> pb
         values: values.to_vec(),
     };
     let (index_bytes, value_bytes) = slice.encode_with(encoding);
-    pb::SparseSlice {
-        indices: index_bytes.into(),
-        values: value_bytes.into(),
-        dense: false,
-        index_encoding: match encoding.indices {
-            IndexEncoding::DeltaVarint => pb::IndexEncoding::DeltaVarint,
-            IndexEncoding::Rice => pb::IndexEncoding::Rice,
-        } as i32,
-        value_encoding: match encoding.values {
-            ValueEncoding::F32 => pb::ValueEncoding::F32,
-            ValueEncoding::F16 => pb::ValueEncoding::F16,
-        } as i32,
-    }
+    pb::SparseSlice::from_payloads(index_bytes, value_bytes, encoding)
 }
 
 #[tokio::test]

@@ -3,9 +3,8 @@
 //! f16 uploads and the global curve, and writes its summary.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use dssgd_tests::{CHILD_TIMEOUT, binary, mnist_dir, read_json};
+use dssgd_tests::{ChildGuard, binary, mnist_dir, read_json};
 
 const PARTICIPANTS: u64 = 4;
 const EPOCHS: u64 = 6;
@@ -17,7 +16,7 @@ fn simulate_records_global_curve_with_f16_uploads() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("run");
     let log = dir.path().join("simulate.log");
-    let mut child = Command::new(binary("dssgd-participant"))
+    let child = Command::new(binary("dssgd-participant"))
         .args([
             "simulate",
             "--no-download",
@@ -35,21 +34,15 @@ fn simulate_records_global_curve_with_f16_uploads() {
         .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
         .spawn()
         .expect("the participant binary starts");
-    let deadline = Instant::now() + CHILD_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("simulate ran longer than {CHILD_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let mut simulate = ChildGuard {
+        name: "simulate".into(),
+        child,
     };
+    let succeeded = simulate.wait();
     let printed = std::fs::read_to_string(&log).unwrap();
     assert!(
-        status.success(),
-        "simulate failed with {status}: {printed}\n{}",
+        succeeded,
+        "simulate failed: {printed}\n{}",
         std::fs::read_to_string(dir.path().join("stderr.log")).unwrap()
     );
     assert!(

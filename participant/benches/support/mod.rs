@@ -1,0 +1,65 @@
+//! Pieces that several participant benchmarks share. Each benchmark uses
+//! only some of them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+
+/// Returns the median of `values`, the upper one of an even count.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Returns the workspace's root folder.
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the participant crate is in the workspace")
+        .to_path_buf()
+}
+
+/// Returns the Python with PyTorch 2.13: `DSSGD_PYTHON`, or the one that
+/// `scripts/pytorch-env.sh` installs and prints. The error explains why there
+/// is none.
+pub(crate) fn python() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("DSSGD_PYTHON") {
+        return Ok(PathBuf::from(path));
+    }
+    let script = workspace_root().join("scripts/pytorch-env.sh");
+    let output = Command::new(&script)
+        .output()
+        .map_err(|error| format!("failed to run {}: {error}", script.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim().to_string(),
+    ))
+}
+
+/// Reads the environment variable `name` as a `T` that passes `valid`, or
+/// `default` when it is unset. An invalid value ends the benchmark with a
+/// message that names it and what `expected` describes.
+pub(crate) fn env_setting<T: FromStr>(
+    name: &str,
+    default: T,
+    expected: &str,
+    valid: impl Fn(&T) -> bool,
+) -> T {
+    let Ok(text) = std::env::var(name) else {
+        return default;
+    };
+    match text.parse::<T>() {
+        Ok(value) if valid(&value) => value,
+        _ => {
+            eprintln!("invalid {name} {text:?}: expected {expected}");
+            std::process::exit(2);
+        }
+    }
+}
