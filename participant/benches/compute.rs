@@ -14,18 +14,18 @@
 //! of the ratio of the epoch medians. Set `DSSGD_BENCH_THREADS` to change
 //! the thread count (default 1, as each simulated participant uses).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use dssgd_participant::data::{Dataset, load_mnist};
+use dssgd_participant::data::Dataset;
 use dssgd_participant::model::{Model, ModelKind};
 use dssgd_participant::train::{LocalTrainer, SgdConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 mod support;
-use support::{env_setting, median, python, workspace_root};
+use support::{data_dir, env_setting, load_data, median, python, workspace_root};
 
 /// The participant binary's allocator.
 #[global_allocator]
@@ -118,12 +118,8 @@ fn main() {
     });
     tch::set_num_threads(threads as i32);
     tch::set_num_interop_threads(1);
-    let data_dir = std::env::var_os("DSSGD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("data/mnist"));
-    let mnist = load_mnist(&data_dir).unwrap_or_else(|error| {
-        panic!("{error}; set DSSGD_DATA_DIR to a folder with the MNIST files")
-    });
+    let data_dir = data_dir();
+    let mnist = load_data();
     let first: Vec<usize> = (0..EXAMPLES).collect();
     let train = mnist.train.subset(&first);
     let mut python = python();

@@ -12,12 +12,10 @@
 //! prints the median of each and its ratio to the median local epoch. It
 //! also times single noise draws and the ledger's synced append.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use dssgd_common::privacy::{DiscreteLaplace, PrivateUpload};
 use dssgd_common::select::fraction_count;
-use dssgd_participant::data::load_mnist;
 use dssgd_participant::ledger::Ledger;
 use dssgd_participant::model::{Model, ModelKind};
 use dssgd_participant::train::{LocalTrainer, SgdConfig};
@@ -25,7 +23,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 mod support;
-use support::median;
+use support::{load_data, median};
 
 const SHARD: usize = 600;
 const EPOCHS: usize = 5;
@@ -33,13 +31,7 @@ const RELEASES: usize = 5;
 
 fn main() {
     // cargo bench passes --bench; nothing else is accepted.
-    let data_dir = std::env::var_os("DSSGD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("data/mnist"));
-    let mnist = load_mnist(&data_dir).unwrap_or_else(|error| {
-        eprintln!("{error}\nset DSSGD_DATA_DIR to a folder with the MNIST files");
-        std::process::exit(2);
-    });
+    let mnist = load_data();
     tch::set_num_threads(1);
     tch::set_num_interop_threads(1);
     let shard: Vec<usize> = (0..SHARD).collect();

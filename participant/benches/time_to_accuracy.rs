@@ -24,14 +24,14 @@
 //! `DSSGD_TARGET_ACCURACY` to change the target (default 0.96). The runs'
 //! outputs and logs stay in `target/time_to_accuracy`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use dssgd_common::shard::ShardPlan;
 use serde_json::Value;
 
 mod support;
-use support::{env_setting, python, workspace_root};
+use support::{data_dir, env_setting, load_data, python, workspace_root};
 
 const PARTICIPANTS: usize = 30;
 const EPOCHS: usize = 60;
@@ -90,11 +90,18 @@ fn federation(data_dir: &Path, ordering: &str, output: &Path, target: f64) -> Ou
         .arg(output)
         .status()
         .unwrap_or_else(|error| panic!("failed to run {binary}: {error}"));
-    assert!(
-        status.success(),
-        "simulate failed ({status}); its logs are in {}",
-        output.join("logs").display()
-    );
+    if !status.success() {
+        let logs = output.join("logs");
+        if logs.is_dir() {
+            eprintln!(
+                "simulate failed ({status}); its output is above and its logs are in {}",
+                logs.display()
+            );
+        } else {
+            eprintln!("simulate failed ({status}); its output is above");
+        }
+        std::process::exit(1);
+    }
     let text =
         std::fs::read_to_string(output.join("summary.json")).expect("simulate writes summary.json");
     let summary: Value = serde_json::from_str(&text).expect("summary.json is JSON");
@@ -168,10 +175,13 @@ fn main() {
         "an accuracy above 0 and at most 1",
         |&accuracy| accuracy > 0.0 && accuracy <= 1.0,
     );
-    let Some(data_dir) = std::env::var_os("DSSGD_DATA_DIR").map(PathBuf::from) else {
+    if std::env::var_os("DSSGD_DATA_DIR").is_none() {
         eprintln!("set DSSGD_DATA_DIR to a folder with the MNIST files");
         std::process::exit(2);
-    };
+    }
+    // Loading it once here fails fast, before any run starts.
+    load_data();
+    let data_dir = data_dir();
     // Kept after the run, so that the federation's logs can be read when
     // it fails.
     let scratch = workspace_root().join("target/time_to_accuracy");

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
+use dssgd_participant::data::{Splits, load_mnist};
+
 /// Returns the median of `values`, the upper one of an even count.
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -62,4 +64,26 @@ pub(crate) fn env_setting<T: FromStr>(
             std::process::exit(2);
         }
     }
+}
+
+/// Returns the MNIST folder that `DSSGD_DATA_DIR` names, or `data/mnist`
+/// when it is unset. A relative path is read from the workspace root,
+/// because cargo runs each benchmark in its package's folder.
+pub(crate) fn data_dir() -> PathBuf {
+    let path = std::env::var_os("DSSGD_DATA_DIR")
+        .map_or_else(|| PathBuf::from("data/mnist"), PathBuf::from);
+    workspace_root().join(path)
+}
+
+/// Loads MNIST from [`data_dir`], or ends the benchmark with a message
+/// that names the folder.
+pub(crate) fn load_data() -> Splits {
+    let dir = data_dir();
+    load_mnist(&dir).unwrap_or_else(|error| {
+        eprintln!(
+            "failed to load MNIST from {}: {error}\nset DSSGD_DATA_DIR to a folder with the MNIST files (a relative path is read from the workspace root)",
+            dir.display()
+        );
+        std::process::exit(2);
+    })
 }
