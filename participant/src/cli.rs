@@ -378,6 +378,12 @@ impl TransportArgs {
                     self.server
                 );
             }
+            if self.tls_cert.is_none() {
+                warn!(
+                    server = %self.server,
+                    "no --tls-cert and --tls-key: a server that requires client certificates (mutual TLS) will close the connection"
+                );
+            }
             return Ok(Some(dssgd_server::tls::client_config(&files)?));
         }
         if files.is_set() {

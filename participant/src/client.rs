@@ -165,10 +165,51 @@ fn status_detail(status: &Status) -> String {
 }
 
 /// Returns whether `detail` describes a failed TLS handshake: the server rejected
-/// this client's certificate (a fatal alert) or this client rejected the
-/// server's. Retrying cannot fix either.
+/// this client's certificate (a fatal alert), this client rejected the
+/// server's, or the server replied in plaintext (a corrupt message).
+/// Retrying cannot fix any of them.
 fn is_tls_failure(detail: &str) -> bool {
-    detail.contains("received fatal alert") || detail.contains("invalid peer certificate")
+    [
+        "received fatal alert",
+        "invalid peer certificate",
+        "corrupt message",
+    ]
+    .iter()
+    .any(|symptom| detail.contains(symptom))
+}
+
+/// Returns advice for a failure that a TLS mismatch explains, given the
+/// address's scheme and the error's `detail`.
+///
+/// A TLS server closes a plaintext connection, which the client sees as a
+/// broken pipe, a reset or an HTTP/2 protocol error, depending on which
+/// side's write comes first. A mutual-TLS server closes a connection that
+/// has no client certificate in the same way when its alert arrives after
+/// the client's first write. A plaintext server's reply to a handshake is
+/// a corrupt message to the TLS library.
+fn tls_mismatch_hint(address: &str, detail: &str) -> Option<&'static str> {
+    let detail = detail.to_lowercase();
+    let closed = ["broken pipe", "connection reset", "h2 protocol error"]
+        .iter()
+        .any(|symptom| detail.contains(symptom));
+    if address.starts_with("http://") && closed {
+        Some("the server may require TLS: connect with https:// and --tls-ca")
+    } else if address.starts_with("https://") && detail.contains("corrupt message") {
+        Some("the server does not seem to use TLS: connect with http:// and --insecure")
+    } else if address.starts_with("https://") && closed {
+        Some("the server may require a client certificate: pass --tls-cert and --tls-key")
+    } else {
+        None
+    }
+}
+
+/// Appends the advice of [`tls_mismatch_hint`], if any, to `message`.
+fn with_tls_hint(address: &str, mut message: String) -> String {
+    if let Some(hint) = tls_mismatch_hint(address, &message) {
+        message.push_str("; ");
+        message.push_str(hint);
+    }
+    message
 }
 
 impl Client {
@@ -270,29 +311,17 @@ impl Client {
                     return Err(ClientError::Handshake {
                         rpc,
                         address: self.address.clone(),
-                        detail: status_detail(&status),
+                        detail: with_tls_hint(&self.address, status_detail(&status)),
                     });
                 }
                 Err(status) if is_retryable(&status) => {
                     let elapsed = started.elapsed();
                     if elapsed >= self.retry.give_up_after {
-                        let mut last = status_detail(&status);
-                        // A TLS server closes a plaintext connection, which
-                        // the client sees as a broken pipe or a reset when
-                        // its write races the server's close.
-                        let closed = ["broken pipe", "connection reset", "h2 protocol error"]
-                            .iter()
-                            .any(|symptom| last.to_lowercase().contains(symptom));
-                        if self.address.starts_with("http://") && closed {
-                            last.push_str(
-                                "; the server may require TLS: connect with https:// and --tls-ca",
-                            );
-                        }
                         return Err(ClientError::GaveUp {
                             rpc,
                             address: self.address.clone(),
                             seconds: elapsed.as_secs_f64(),
-                            last,
+                            last: with_tls_hint(&self.address, status_detail(&status)),
                         });
                     }
                     warn!(
@@ -307,15 +336,7 @@ impl Client {
                     backoff = (backoff * 2).min(self.retry.max_backoff);
                 }
                 Err(status) => {
-                    let mut message = status.message().to_string();
-                    // A TLS server responds to plaintext HTTP/2 with a protocol
-                    // error that does not mention TLS.
-                    if self.address.starts_with("http://") && message.contains("h2 protocol error")
-                    {
-                        message.push_str(
-                            "; the server may require TLS: connect with https:// and --tls-ca",
-                        );
-                    }
+                    let message = with_tls_hint(&self.address, status.message().to_string());
                     let reason = status
                         .metadata()
                         .get(REASON_METADATA_KEY)
@@ -478,5 +499,57 @@ impl Client {
             |mut client, request| async move { client.get_status(request).await },
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_failures_stop_retries() {
+        assert!(is_tls_failure("received fatal alert: CertificateRequired"));
+        assert!(is_tls_failure("invalid peer certificate: UnknownIssuer"));
+        assert!(is_tls_failure(
+            "received corrupt message of type InvalidContentType"
+        ));
+        assert!(!is_tls_failure("connection refused"));
+    }
+
+    #[test]
+    fn tls_hints_follow_the_scheme() {
+        let plaintext = "http://127.0.0.1:1";
+        let tls = "https://127.0.0.1:1";
+        assert_eq!(
+            tls_mismatch_hint(plaintext, "stream closed because of a broken pipe"),
+            Some("the server may require TLS: connect with https:// and --tls-ca")
+        );
+        assert_eq!(
+            tls_mismatch_hint(plaintext, "h2 protocol error: http2 error"),
+            Some("the server may require TLS: connect with https:// and --tls-ca")
+        );
+        assert_eq!(
+            tls_mismatch_hint(tls, "received corrupt message of type InvalidContentType"),
+            Some("the server does not seem to use TLS: connect with http:// and --insecure")
+        );
+        assert_eq!(
+            tls_mismatch_hint(tls, "Connection reset by peer (os error 104)"),
+            Some("the server may require a client certificate: pass --tls-cert and --tls-key")
+        );
+        assert_eq!(tls_mismatch_hint(plaintext, "connection refused"), None);
+        assert_eq!(tls_mismatch_hint(tls, "connection refused"), None);
+    }
+
+    #[test]
+    fn hint_appends_only_known_advice() {
+        let message = with_tls_hint("http://127.0.0.1:1", "broken pipe".into());
+        assert_eq!(
+            message,
+            "broken pipe; the server may require TLS: connect with https:// and --tls-ca"
+        );
+        assert_eq!(
+            with_tls_hint("http://127.0.0.1:1", "refused".into()),
+            "refused"
+        );
     }
 }

@@ -500,6 +500,45 @@ fn plaintext_participant_gets_tls_hint() {
 }
 
 #[test]
+fn tls_participant_stops_at_plaintext_server() {
+    let dir = tempfile::tempdir().expect("a temporary directory should be creatable");
+    make_certs(dir.path(), &["--participant-count", "1"]);
+    let (mut server, address) = dssgd_tests::start_server(&[], &dir.path().join("server.log"));
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let started = std::time::Instant::now();
+    let output = Command::new(binary("dssgd-participant"))
+        .args([
+            "collaborate",
+            "--server",
+            &address.replacen("http://", "https://", 1),
+        ])
+        .args(["--tls-ca", &path("ca.pem")])
+        .args(["--tls-cert", &path("p000.pem")])
+        .args(["--tls-key", &path("p000.key")])
+        .args(["--index", "0", "--participants", "1", "--epochs", "1"])
+        .args(["--shard-fraction", "0.01", "--retry-seconds", "120"])
+        .arg("--data-dir")
+        .arg(dssgd_tests::mnist_dir())
+        .output()
+        .expect("the participant should start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a TLS participant joined a plaintext server"
+    );
+    assert!(
+        stderr.contains("does not seem to use TLS"),
+        "the error gives no plaintext hint:\n{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the participant retried a handshake that cannot succeed for {:?}",
+        started.elapsed()
+    );
+    server.kill();
+}
+
+#[test]
 fn negative_participant_values_name_the_option() {
     let output = Command::new(binary("dssgd-participant"))
         .args(["collaborate", "--insecure", "--index", "0", "--lr", "-1"])
