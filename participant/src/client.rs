@@ -83,6 +83,17 @@ pub enum ClientError {
         /// The last error.
         last: String,
     },
+    /// The connection failed in a way that retrying cannot fix, so no call
+    /// reached the server.
+    #[error("{rpc} to {address} failed: {detail}")]
+    Transport {
+        /// Name of the call.
+        rpc: &'static str,
+        /// The server address.
+        address: String,
+        /// The transport's error, with its causes and advice.
+        detail: String,
+    },
     /// The TLS handshake failed, so no call reached the server.
     #[error(
         "{rpc} to {address} failed in the TLS handshake: {detail}; check --tls-ca (the CA that signed the server's certificate, which must cover the host in the address) and --tls-cert and --tls-key (a certificate signed by the federation's CA whose common name is this participant's identifier)"
@@ -336,7 +347,16 @@ impl Client {
                     backoff = (backoff * 2).min(self.retry.max_backoff);
                 }
                 Err(status) => {
-                    let message = with_tls_hint(&self.address, status.message().to_string());
+                    // A TLS mismatch fails in the transport, before any
+                    // server could reject the call.
+                    if let Some(hint) = tls_mismatch_hint(&self.address, status.message()) {
+                        return Err(ClientError::Transport {
+                            rpc,
+                            address: self.address.clone(),
+                            detail: format!("{}; {hint}", status_detail(&status)),
+                        });
+                    }
+                    let message = status.message().to_string();
                     let reason = status
                         .metadata()
                         .get(REASON_METADATA_KEY)

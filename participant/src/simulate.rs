@@ -391,8 +391,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Summary> {
         bar.set_length(progress.total);
         bar.set_position(progress.uploads);
         bar.set_message(progress.message.clone());
-        // Without a terminal the bar is hidden; print a line a minute.
-        if bar.is_hidden() && last_report.elapsed() >= Duration::from_secs(60) {
+        // Without a terminal the bar is hidden, so a line is printed every
+        // 30 seconds.
+        if bar.is_hidden() && last_report.elapsed() >= Duration::from_secs(30) {
             eprintln!(
                 "progress: {}/{} uploads, {}",
                 progress.uploads, progress.total, progress.message
@@ -643,9 +644,27 @@ fn wait_with_progress(
             bail!("interrupted; stopped the server and every participant");
         }
         let mut running = Vec::new();
-        for child in participants.iter_mut().chain(baselines.iter_mut()) {
+        let children = participants
+            .iter_mut()
+            .map(|child| (child, false))
+            .chain(baselines.iter_mut().map(|child| (child, true)));
+        for (child, baseline) in children {
             match child.child.try_wait()? {
-                None => running.push(child.name.clone()),
+                None => {
+                    // A baseline's log has only its own epochs, so the last
+                    // one shows how far it is.
+                    let epoch = if baseline {
+                        last_epoch(&child.log)
+                    } else {
+                        None
+                    };
+                    running.push(match epoch {
+                        Some(epoch) => {
+                            format!("{} (epoch {epoch}/{})", child.name, args.training.epochs)
+                        }
+                        None => child.name.clone(),
+                    });
+                }
                 Some(status) if status.success() => {}
                 Some(status) => {
                     bail!(
@@ -682,6 +701,22 @@ fn wait_with_progress(
         let pause = if curve.is_some() { 50 } else { 500 };
         std::thread::sleep(Duration::from_millis(pause));
     }
+}
+
+/// Returns the number of the last epoch that the log at `path` reports
+/// done, or `None` before the first one or when the log cannot be read.
+fn last_epoch(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|line| line.contains("epoch done"))?;
+    let start = line.find("epoch=")? + "epoch=".len();
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 /// Returns the flag that SIGINT and SIGTERM set, installed once per process. A
@@ -860,6 +895,23 @@ mod tests {
 
     fn parse<T: Into<OsString> + Clone>(argv: impl IntoIterator<Item = T>) -> Command {
         Cli::try_parse_from(argv).unwrap().command
+    }
+
+    #[test]
+    fn last_epoch_reads_the_latest_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("centralized.log");
+        assert_eq!(last_epoch(&log), None, "a missing log has no epoch");
+        std::fs::write(
+            &log,
+            "INFO epoch done run=centralized epoch=1 loss=0.3\n\
+             INFO epoch done run=centralized epoch=12 loss=0.1\n\
+             INFO other line\n",
+        )
+        .unwrap();
+        assert_eq!(last_epoch(&log), Some(12));
+        std::fs::write(&log, "INFO starting\n").unwrap();
+        assert_eq!(last_epoch(&log), None, "no epoch is done yet");
     }
 
     #[test]

@@ -100,8 +100,8 @@ fn repeats() -> usize {
 
 /// The figures named on the command line (`ingest` is figure 1, `bulk`
 /// 2, `latency` 3, `overhead` 4 and `wire` 7); none named means all of
-/// them. Flags that cargo
-/// passes to every bench binary, such as `--bench`, are ignored.
+/// them. `--help` prints the names; other flags that cargo passes to every
+/// bench binary, such as `--bench`, are ignored.
 struct Figures(Vec<String>);
 
 impl Figures {
@@ -112,6 +112,14 @@ impl Figures {
 
 fn chosen_figures() -> Figures {
     const KNOWN: [&str; 5] = ["ingest", "bulk", "latency", "overhead", "wire"];
+    if std::env::args().any(|arg| arg == "--help" || arg == "-h") {
+        println!(
+            "usage: cargo bench -p dssgd-server --bench transport [-- FIGURE...]\n\
+             figures: ingest (1), bulk (2), latency (3), overhead (4), wire (7); none runs them all\n\
+             DSSGD_BENCH_REPEATS sets the runs per figure (default 5)"
+        );
+        std::process::exit(0);
+    }
     let names: Vec<String> = std::env::args()
         .skip(1)
         .filter(|arg| !arg.starts_with('-'))
