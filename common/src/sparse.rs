@@ -650,21 +650,18 @@ pub fn decode_values_into(
             width,
         });
     }
-    // Filling a sized vector compiles to a straight copy loop, where
-    // collecting from the chunk iterator does not.
     values.clear();
-    values.resize(bytes.len() / width, 0.0);
     match encoding {
-        ValueEncoding::F32 => {
-            for (value, chunk) in values.iter_mut().zip(bytes.chunks_exact(4)) {
-                *value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            }
-        }
-        ValueEncoding::F16 => {
-            for (value, chunk) in values.iter_mut().zip(bytes.chunks_exact(2)) {
-                *value = half::f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
-            }
-        }
+        ValueEncoding::F32 => values.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])),
+        ),
+        ValueEncoding::F16 => values.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|chunk| half::f16::from_le_bytes([chunk[0], chunk[1]]).to_f32()),
+        ),
     }
     Ok(())
 }

@@ -120,9 +120,13 @@ impl DenseValues {
                 parameter_count,
             });
         }
-        // A pass without early exit vectorises; the position is searched
-        // for only when some value is not finite.
-        if !buffer.iter().fold(true, |all, v| all & v.is_finite()) {
+        // Magnitude bit patterns order like the magnitudes, with infinity
+        // and NaN highest, so one integer pass finds the largest and checks
+        // that every value is finite.
+        let largest_bits = buffer
+            .iter()
+            .fold(0u32, |largest, v| largest.max(v.to_bits() & 0x7fff_ffff));
+        if largest_bits >= f32::INFINITY.to_bits() {
             let (index, &value) = buffer
                 .iter()
                 .enumerate()
@@ -133,7 +137,10 @@ impl DenseValues {
                 value,
             });
         }
-        Ok(Self::from_values(buffer))
+        Ok(Self {
+            values: buffer,
+            largest: f32::from_bits(largest_bits),
+        })
     }
 
     /// Returns the decoded values' buffer, for a later
@@ -964,6 +971,31 @@ mod tests {
         let half = dssgd_common::sparse::encode_values_with(&[0.5, -0.25], ValueEncoding::F16);
         let dense = DenseValues::decode(&half, 2, ValueEncoding::F16).unwrap();
         assert_eq!(dense.values(), [0.5, -0.25]);
+    }
+
+    #[test]
+    fn dense_decode_finds_infinities_and_largest() {
+        for (values, index) in [
+            (vec![0.5, f32::NEG_INFINITY, 0.125], 1),
+            (vec![0.5, 0.25, f32::INFINITY], 2),
+            (vec![-f32::NAN, 0.25, 0.125], 0),
+        ] {
+            let error =
+                DenseValues::decode(&encode_values(&values), 3, ValueEncoding::F32).unwrap_err();
+            assert!(
+                matches!(error, SparseError::NonFiniteValue { index: at, .. } if at == index),
+                "{values:?} gave {error:?}"
+            );
+        }
+        let values = [-0.0, -f32::MAX, f32::MIN_POSITIVE / 2.0];
+        let dense = DenseValues::decode(&encode_values(&values), 3, ValueEncoding::F32).unwrap();
+        assert_eq!(
+            Changes::Dense(dense).largest_magnitude(),
+            f64::from(f32::MAX)
+        );
+        let zeros =
+            DenseValues::decode(&encode_values(&[-0.0, 0.0]), 2, ValueEncoding::F32).unwrap();
+        assert_eq!(Changes::Dense(zeros).largest_magnitude(), 0.0);
     }
 
     #[test]
