@@ -161,9 +161,10 @@ pub struct Summary {
 pub struct GlobalPoint {
     /// Seconds since the server started.
     pub seconds: f64,
-    /// Uploads applied to the evaluated parameters (their version).
+    /// Uploads counted in the byte counters. Equal to `version` unless
+    /// uploads kept arriving between the reads of parameters and counters.
     pub uploads: u64,
-    /// Version of the evaluated parameters.
+    /// Version of the evaluated parameters: the uploads applied to them.
     pub version: u64,
     /// Test accuracy of the global parameters.
     pub accuracy: f64,
@@ -542,6 +543,10 @@ pub fn run(args: &SimulateArgs, on_progress: &mut dyn FnMut(&Progress)) -> anyho
     Ok(summary)
 }
 
+/// Maximum reads of the parameters and the status for one curve point.
+/// After the last, the counters may be a few uploads ahead of the parameters.
+const CONSISTENT_READ_TRIES: u32 = 20;
+
 /// The global model after each round of uploads. During the run only the
 /// parameters are downloaded and kept, which takes a millisecond or two.
 /// The test set is evaluated once the federation has finished, so the
@@ -551,6 +556,8 @@ struct GlobalCurve {
     started: Instant,
     /// Uploads after which the next snapshot is taken.
     next: u64,
+    /// Downloads the curve itself has made, which the server counts.
+    own_downloads: u64,
     snapshots: Vec<(GlobalPoint, Vec<f32>)>,
 }
 
@@ -567,6 +574,7 @@ impl GlobalCurve {
             evaluator,
             started,
             next: training.participants as u64,
+            own_downloads: 0,
             snapshots: Vec::new(),
         })
     }
@@ -578,23 +586,34 @@ impl GlobalCurve {
             return Ok(());
         }
         let seconds = self.started.elapsed().as_secs_f64();
-        let (parameters, version) = self.evaluator.download()?;
-        let status = self.evaluator.status()?;
-        // Each snapshot downloaded the whole model as f32; the server counts
-        // those downloads with the participants'.
-        let own_bytes = (self.snapshots.len() as u64 + 1) * 4 * parameters.len() as u64;
-        // The version counts the uploads in the downloaded parameters; the
-        // status, read a moment later, may count a few more bytes.
+        // The parameters and the byte counters come from two calls, so an
+        // upload applied between them is counted in the bytes only. Both are
+        // read again until they show the same version.
+        let mut tries = 0;
+        let (parameters, version, status) = loop {
+            tries += 1;
+            let (parameters, version) = self.evaluator.download()?;
+            self.own_downloads += 1;
+            let status = self.evaluator.status()?;
+            if status.version == version || tries == CONSISTENT_READ_TRIES {
+                break (parameters, version, status);
+            }
+        };
+        // The server counts the curve's own downloads, each the whole model
+        // as f32, with the participants'.
+        let own_bytes = self.own_downloads * 4 * parameters.len() as u64;
+        // After the last try, the uploads may include a few that the
+        // parameters lack.
         let point = GlobalPoint {
             seconds,
-            uploads: version,
+            uploads: status.version,
             version,
             accuracy: f64::NAN,
             uploaded_bytes: status.uploaded_bytes,
             downloaded_bytes: status.downloaded_bytes.saturating_sub(own_bytes),
         };
         self.snapshots.push((point, parameters));
-        self.next = (version / participants + 1) * participants;
+        self.next = (status.version / participants + 1) * participants;
         Ok(())
     }
 

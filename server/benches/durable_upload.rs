@@ -117,6 +117,7 @@ fn bench_store(mode: Mode, theta_u: f64, uploads: usize) {
             base_version: 0,
             changes: Changes::Sparse(changes),
             epsilon: 0.0,
+            encoded_bytes: 0,
         };
         store.apply(&upload).expect("the upload is applied");
     }

@@ -71,6 +71,7 @@ fn by_model_size() {
                 base_version: 0,
                 changes: Changes::Sparse(random_changes(&mut rng, n, count, GAMMA)),
                 epsilon: 0.0,
+                encoded_bytes: 0,
             };
             let started = Instant::now();
             store.apply(&upload).expect("the upload is applied");
@@ -134,6 +135,7 @@ fn by_participants() {
                 base_version: 0,
                 changes: Changes::Sparse(changes),
                 epsilon: 0.0,
+                encoded_bytes: 0,
             };
             store.apply(&upload).expect("the upload is applied");
         }

@@ -906,6 +906,7 @@ mod tests {
             base_version: 0,
             changes: crate::store::Changes::Sparse(SparseSlice { indices, values }),
             epsilon: if id.is_multiple_of(2) { 0.5 } else { 0.0 },
+            encoded_bytes: 0,
         }
     }
 

@@ -223,11 +223,6 @@ impl Metrics {
         self.downloaded_bytes.inc_by(bytes as u64);
     }
 
-    /// Payload bytes of the applied uploads so far.
-    pub fn uploaded_bytes(&self) -> u64 {
-        self.uploaded_bytes.get()
-    }
-
     /// Payload bytes of the downloads so far.
     pub fn downloaded_bytes(&self) -> u64 {
         self.downloaded_bytes.get()
@@ -322,6 +317,7 @@ mod tests {
                     values: vec![0.1, 0.2],
                 }),
                 epsilon: 0.5,
+                encoded_bytes: 0,
             })
             .unwrap();
         let metrics = Metrics::new();

@@ -240,6 +240,7 @@ impl Service {
             base_version: request.base_version,
             changes,
             epsilon,
+            encoded_bytes: encoded_bytes as u64,
         };
         let changed = upload.changes.len();
         let outcome = self.store.apply(&upload);
@@ -400,7 +401,9 @@ impl Service {
                 })
                 .collect(),
             total_updates: status.total_updates,
-            uploaded_bytes: self.metrics.uploaded_bytes(),
+            // Read under the store's lock, so that the bytes and the version
+            // count the same uploads.
+            uploaded_bytes: status.uploaded_bytes,
             downloaded_bytes: self.metrics.downloaded_bytes(),
         }
     }

@@ -72,6 +72,9 @@ pub struct Upload {
     /// Privacy spend the participant declares for this upload (0 without
     /// noise).
     pub epsilon: f64,
+    /// Size of the changes as they arrived (indices and values), added to
+    /// the status's upload bytes with the same version step.
+    pub encoded_bytes: u64,
 }
 
 /// The parameter changes of a validated upload.
@@ -372,6 +375,8 @@ struct Inner {
     participants: BTreeMap<String, ParticipantRecord>,
     /// Participants in the order they first joined.
     join_order: Vec<String>,
+    /// Encoded bytes of the uploads applied since the process started.
+    uploaded_bytes: u64,
 }
 
 /// A snapshot of the whole state, for status reports and tests.
@@ -385,6 +390,9 @@ pub struct StoreStatus {
     pub participants: BTreeMap<String, ParticipantRecord>,
     /// Sum of all update counters.
     pub total_updates: u64,
+    /// Encoded bytes of the uploads applied since the process started,
+    /// counted with the same uploads as `version`.
+    pub uploaded_bytes: u64,
 }
 
 impl Store {
@@ -424,6 +432,7 @@ impl Store {
             version: restored.version,
             participants: restored.participants.into_iter().collect(),
             join_order,
+            uploaded_bytes: 0,
         };
         let store = Self {
             inner: RwLock::new(inner),
@@ -646,6 +655,7 @@ impl Store {
             inner.magnitude_bound + largest_change
         };
         inner.version += 1;
+        inner.uploaded_bytes += upload.encoded_bytes;
         inner
             .participants
             .insert(upload.participant.clone(), record);
@@ -744,6 +754,7 @@ impl Store {
             version: inner.version,
             participants: inner.participants.clone(),
             total_updates: inner.counters.iter().sum(),
+            uploaded_bytes: inner.uploaded_bytes,
         }
     }
 }
@@ -768,12 +779,14 @@ mod tests {
     }
 
     fn upload(id: u64, indices: Vec<u32>, values: Vec<f32>) -> Upload {
+        let encoded_bytes = 4 * values.len() as u64;
         Upload {
             participant: "p1".into(),
             upload_id: id,
             base_version: 0,
             changes: Changes::Sparse(SparseSlice { indices, values }),
             epsilon: 0.0,
+            encoded_bytes,
         }
     }
 
@@ -857,7 +870,12 @@ mod tests {
             }
         );
         assert_eq!(store.parameters().0, vec![0.0, 0.5]);
-        assert_eq!(store.status().participants["p1"].uploads, 1);
+        let status = store.status();
+        assert_eq!(status.participants["p1"].uploads, 1);
+        assert_eq!(status.uploaded_bytes, 4, "a retry's bytes are not counted");
+        store.apply(&upload(2, vec![0, 1], vec![0.5, 0.5])).unwrap();
+        let status = store.status();
+        assert_eq!((status.version, status.uploaded_bytes), (2, 12));
     }
 
     #[test]
