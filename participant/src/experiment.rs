@@ -512,6 +512,9 @@ fn check_setting(key: &str, value: &toml::Value) -> anyhow::Result<()> {
             bail!("invalid upload_values {name:?}: expected \"f32\" or \"f16\"")
         }
         (Kind::Text, toml::Value::String(_)) => Ok(()),
+        (Kind::Text, other) if key == "upload_values" => {
+            bail!("invalid upload_values {other}: expected \"f32\" or \"f16\", in quotes")
+        }
         (Kind::Text, other) => bail!("invalid {key} {other}: expected a name in quotes"),
     }
 }
@@ -1535,6 +1538,16 @@ theta_u = 0.1
         );
         assert!(error.contains("invalid upload_values \"f8\""), "{error}");
         assert!(error.contains("[base]"), "{error}");
+        let error = format!(
+            "{:#}",
+            parse(
+                "[experiment]\nname = \"t\"\n[base]\nupload_values = 16\n",
+                "x.toml"
+            )
+            .unwrap_err()
+        );
+        assert!(error.contains("invalid upload_values 16"), "{error}");
+        assert!(error.contains("\"f32\" or \"f16\""), "{error}");
     }
 
     #[test]

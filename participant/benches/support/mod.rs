@@ -81,7 +81,7 @@ pub(crate) fn load_data() -> Splits {
     let dir = data_dir();
     load_mnist(&dir).unwrap_or_else(|error| {
         eprintln!(
-            "failed to load MNIST from {}: {error}\nset DSSGD_DATA_DIR to a folder with the MNIST files (a relative path is read from the workspace root)",
+            "failed to load MNIST from {}: {error}\nthe --download and --data-dir options above belong to dssgd-participant; a benchmark reads the folder in DSSGD_DATA_DIR (a relative path is read from the workspace root), so set it to a folder with the MNIST files",
             dir.display()
         );
         std::process::exit(2);
