@@ -155,6 +155,16 @@ pub enum DssgdError {
         /// First offending parameter.
         index: usize,
     },
+    /// The bound gamma is above the largest one the server accepts.
+    #[error(
+        "invalid gamma {gamma}: the server accepts at most {max_gamma} (its --max-gamma); pass --gamma {max_gamma} or less"
+    )]
+    GammaTooLarge {
+        /// This participant's gamma.
+        gamma: f64,
+        /// The server's limit.
+        max_gamma: f64,
+    },
 }
 
 /// Identity of `model` as the protocol describes it.
@@ -239,6 +249,13 @@ pub fn run_collaborative<R: Rng>(
         return Err(DssgdError::ModelMismatch {
             server: describe(&served),
             local: describe(&local),
+        });
+    }
+    // A server without the limit, or one older than the field, sends 0.
+    if joined.max_gamma > 0.0 && config.gamma > joined.max_gamma {
+        return Err(DssgdError::GammaTooLarge {
+            gamma: config.gamma,
+            max_gamma: joined.max_gamma,
         });
     }
     let ordering = match pb::Ordering::try_from(joined.ordering) {

@@ -154,6 +154,7 @@ impl Service {
             last_upload_id: record.last_upload_id,
             initialized_parameters: initialized,
             max_message_bytes: self.config.max_message_bytes as u64,
+            max_gamma: self.config.max_gamma.unwrap_or(0.0),
         })
     }
 

@@ -243,3 +243,23 @@ fn stale_uploads_are_dropped_not_fatal() {
     assert!(applied > 0, "no upload was applied");
     eprintln!("--max-staleness 1: {applied} uploads applied, {dropped} dropped as stale");
 }
+
+#[test]
+fn gamma_above_server_limit_stops_at_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, address) = start_server(
+        &["--model", "mlp", "--max-gamma", "0.001"],
+        &dir.path().join("server.log"),
+    );
+    // The participant's gamma is 0.002.
+    let mut child = participant(0, &address, dir.path(), 3);
+    assert!(!child.wait(), "a participant above --max-gamma finished");
+    let log = std::fs::read_to_string(dir.path().join("p0.log")).unwrap();
+    assert!(log.contains("invalid gamma 0.002"), "{log}");
+    assert!(log.contains("at most 0.001"), "{log}");
+    assert!(log.contains("--gamma 0.001 or less"), "{log}");
+    assert!(
+        !log.contains("epoch done"),
+        "the participant trained before it checked gamma: {log}"
+    );
+}
