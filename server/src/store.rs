@@ -670,66 +670,47 @@ impl Store {
     /// with the version they were read at.
     pub fn download(&self, theta_d: f64) -> Result<Download, ServerError> {
         let inner = self.inner.read();
-        if inner.model.is_none() {
-            return Err(ServerError::Uninitialized);
-        }
-        let n = inner.parameters.len();
-        let k = fraction_count(theta_d, n);
-        if k == n {
-            let values = inner.parameters.iter().map(|&v| v as f32).collect();
-            return Ok(Download {
-                version: inner.version,
-                indices: None,
-                values,
-            });
-        }
-        let indices = top_k_by_key(n, k, |i| inner.counters[i]);
-        let values = indices
-            .iter()
-            .map(|&i| inner.parameters[i as usize] as f32)
-            .collect();
+        let (indices, values) = match select_for_download(&inner, theta_d)? {
+            Selected::All => {
+                let values = inner.parameters.iter().map(|&v| v as f32).collect();
+                (None, values)
+            }
+            Selected::Top { indices, values } => (Some(indices), values),
+        };
         Ok(Download {
             version: inner.version,
-            indices: Some(indices),
+            indices,
             values,
         })
     }
 
     /// Reads the same parameters as [`Store::download`] and encodes them
-    /// for the wire while the lock is held, in one pass over the selected
-    /// parameters: values as f32, indices in `index_encoding`.
+    /// for the wire: values as f32, indices in `index_encoding`. The lock
+    /// is released before a sparse selection is encoded.
     pub fn download_encoded(
         &self,
         theta_d: f64,
         index_encoding: IndexEncoding,
     ) -> Result<EncodedDownload, ServerError> {
         let inner = self.inner.read();
-        if inner.model.is_none() {
-            return Err(ServerError::Uninitialized);
-        }
-        let n = inner.parameters.len();
-        let k = fraction_count(theta_d, n);
-        if k == n {
-            return Ok(EncodedDownload {
-                version: inner.version,
-                count: n,
+        let version = inner.version;
+        match select_for_download(&inner, theta_d)? {
+            Selected::All => Ok(EncodedDownload {
+                version,
+                count: inner.parameters.len(),
                 indices: None,
                 values: encode_f64_as_f32(&inner.parameters),
-            });
+            }),
+            Selected::Top { indices, values } => {
+                drop(inner);
+                Ok(EncodedDownload {
+                    version,
+                    count: indices.len(),
+                    indices: Some(encode_indices_with(&indices, index_encoding)),
+                    values: encode_values(&values),
+                })
+            }
         }
-        let indices = top_k_by_key(n, k, |i| inner.counters[i]);
-        let values: Vec<f32> = indices
-            .iter()
-            .map(|&i| inner.parameters[i as usize] as f32)
-            .collect();
-        let version = inner.version;
-        drop(inner);
-        Ok(EncodedDownload {
-            version,
-            count: indices.len(),
-            indices: Some(encode_indices_with(&indices, index_encoding)),
-            values: encode_values(&values),
-        })
     }
 
     /// A copy of every global parameter as f32, with the version.
@@ -757,6 +738,33 @@ impl Store {
             uploaded_bytes: inner.uploaded_bytes,
         }
     }
+}
+
+/// Parameters a download returns.
+enum Selected {
+    /// Every parameter, read from the store in place.
+    All,
+    /// The most-updated parameters, ascending by index, as f32.
+    Top { indices: Vec<u32>, values: Vec<f32> },
+}
+
+/// Selects the `ceil(theta_d * n)` parameters with the largest update
+/// counters, ties broken by the lower index.
+fn select_for_download(inner: &Inner, theta_d: f64) -> Result<Selected, ServerError> {
+    if inner.model.is_none() {
+        return Err(ServerError::Uninitialized);
+    }
+    let n = inner.parameters.len();
+    let k = fraction_count(theta_d, n);
+    if k == n {
+        return Ok(Selected::All);
+    }
+    let indices = top_k_by_key(n, k, |i| inner.counters[i]);
+    let values = indices
+        .iter()
+        .map(|&i| inner.parameters[i as usize] as f32)
+        .collect();
+    Ok(Selected::Top { indices, values })
 }
 
 #[cfg(test)]
