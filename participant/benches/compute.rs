@@ -25,7 +25,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 mod support;
-use support::{data_dir, env_setting, load_data, median, python, workspace_root};
+use support::{data_dir, env_setting, load_data, median, python, script_output, workspace_root};
 
 /// The participant binary's allocator.
 #[global_allocator]
@@ -71,7 +71,8 @@ fn pytorch(
     threads: usize,
 ) -> Result<f64, String> {
     let script = workspace_root().join("scripts/pytorch/epoch_time.py");
-    let output = Command::new(python)
+    let mut command = Command::new(python);
+    command
         .arg(&script)
         .args(["--data-dir".as_ref(), data_dir.as_os_str()])
         .args(["--model", kind.name()])
@@ -79,17 +80,9 @@ fn pytorch(
         .args(["--threads", &threads.to_string()])
         .args(["--examples", &EXAMPLES.to_string()])
         .args(["--epochs", &EPOCHS.to_string()])
-        .args(["--lr", &LEARNING_RATE.to_string()])
-        .output()
-        .map_err(|error| format!("failed to run {}: {error}", python.display()))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .args(["--lr", &LEARNING_RATE.to_string()]);
+    let stdout = script_output(&mut command, &script)?;
+    let report: serde_json::Value = serde_json::from_slice(&stdout)
         .map_err(|error| format!("invalid output of {}: {error}", script.display()))?;
     let version = report["torch"].as_str().unwrap_or_default();
     if !version.starts_with("2.13.") {

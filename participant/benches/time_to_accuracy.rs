@@ -31,7 +31,7 @@ use dssgd_common::shard::ShardPlan;
 use serde_json::Value;
 
 mod support;
-use support::{data_dir, env_setting, load_data, python, workspace_root};
+use support::{data_dir, env_setting, load_data, python, script_output, workspace_root};
 
 const PARTICIPANTS: usize = 30;
 const EPOCHS: usize = 60;
@@ -129,7 +129,8 @@ fn reference(
 ) -> Result<Outcome, String> {
     let script = workspace_root().join("scripts/pytorch/federated.py");
     let started = std::time::Instant::now();
-    let output = Command::new(python)
+    let mut command = Command::new(python);
+    command
         .arg(&script)
         .args(["--algorithm", algorithm, "--data-dir"])
         .arg(data_dir)
@@ -137,17 +138,9 @@ fn reference(
         .arg(shards)
         .args(["--rounds", &EPOCHS.to_string()])
         .args(["--target", &target.to_string()])
-        .args(["--threads", "1"])
-        .output()
-        .map_err(|error| format!("failed to run {}: {error}", python.display()))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let report: Value = serde_json::from_slice(&output.stdout)
+        .args(["--threads", "1"]);
+    let stdout = script_output(&mut command, &script)?;
+    let report: Value = serde_json::from_slice(&stdout)
         .map_err(|error| format!("invalid output of {}: {error}", script.display()))?;
     let version = report["torch"].as_str().unwrap_or_default();
     if !version.starts_with("2.13.") {

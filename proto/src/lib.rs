@@ -1,7 +1,7 @@
 //! Generated gRPC types of the DSSGD protocol (package `dssgd.v1`).
 //!
-//! This crate owns the wire format. It converts the payload codes of
-//! `dssgd-common` to and from their wire numbers; the server and participant
+//! This crate owns the wire format and converts the payload codes of
+//! `dssgd-common` to and from their wire numbers. The server and participant
 //! convert the messages into their own domain types at the service boundary.
 
 #![allow(missing_docs, unreachable_pub, clippy::all)]

@@ -72,8 +72,8 @@ pub struct Upload {
     /// Privacy spend the participant declares for this upload (0 without
     /// noise).
     pub epsilon: f64,
-    /// Size of the changes as they arrived (indices and values), added to
-    /// the status's upload bytes with the same version step.
+    /// Size of the changes as received (indices and values). The store adds
+    /// it to its upload bytes when it advances the version.
     pub encoded_bytes: u64,
 }
 

@@ -7,8 +7,8 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use dssgd_common::sparse::{encode_indices, encode_values};
 use dssgd_proto::v1 as pb;
@@ -431,6 +431,26 @@ fn mismatched_key_stops_before_listening() {
     );
 }
 
+/// Runs a one-epoch participant against `server` over TLS, trusting the CA
+/// in `ca_dir` and presenting the certificate p000 from `cert_dir`, with
+/// 120 s of retries. Returns its output and how long it ran.
+fn run_tls_participant(server: &str, ca_dir: &Path, cert_dir: &Path) -> (Output, Duration) {
+    let path = |dir: &Path, name: &str| dir.join(name).display().to_string();
+    let started = Instant::now();
+    let output = Command::new(binary("dssgd-participant"))
+        .args(["collaborate", "--server", server])
+        .args(["--tls-ca", &path(ca_dir, "ca.pem")])
+        .args(["--tls-cert", &path(cert_dir, "p000.pem")])
+        .args(["--tls-key", &path(cert_dir, "p000.key")])
+        .args(["--index", "0", "--participants", "1", "--epochs", "1"])
+        .args(["--shard-fraction", "0.01", "--retry-seconds", "120"])
+        .arg("--data-dir")
+        .arg(dssgd_tests::mnist_dir())
+        .output()
+        .expect("the participant should start");
+    (output, started.elapsed())
+}
+
 #[test]
 fn foreign_participant_certificate_fails_fast() {
     let dir = tempfile::tempdir().expect("a temporary directory should be creatable");
@@ -439,19 +459,7 @@ fn foreign_participant_certificate_fails_fast() {
     make_certs(&certs, &["--participant-count", "1"]);
     make_certs(&foreign, &["--participant-count", "1"]);
     let (mut server, address) = start_mutual_tls_server(&certs, &dir.path().join("server.log"));
-    let path = |dir: &Path, name: &str| dir.join(name).display().to_string();
-    let started = std::time::Instant::now();
-    let output = Command::new(binary("dssgd-participant"))
-        .args(["collaborate", "--server", &format!("https://{address}")])
-        .args(["--tls-ca", &path(&certs, "ca.pem")])
-        .args(["--tls-cert", &path(&foreign, "p000.pem")])
-        .args(["--tls-key", &path(&foreign, "p000.key")])
-        .args(["--index", "0", "--participants", "1", "--epochs", "1"])
-        .args(["--shard-fraction", "0.01", "--retry-seconds", "120"])
-        .arg("--data-dir")
-        .arg(dssgd_tests::mnist_dir())
-        .output()
-        .expect("the participant should start");
+    let (output, elapsed) = run_tls_participant(&format!("https://{address}"), &certs, &foreign);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),
@@ -462,9 +470,8 @@ fn foreign_participant_certificate_fails_fast() {
         "the error does not name the handshake:\n{stderr}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "the participant retried a handshake that cannot succeed for {:?}",
-        started.elapsed()
+        elapsed < Duration::from_secs(60),
+        "the participant retried a handshake that cannot succeed for {elapsed:?}"
     );
     server.kill();
 }
@@ -504,23 +511,8 @@ fn tls_participant_stops_at_plaintext_server() {
     let dir = tempfile::tempdir().expect("a temporary directory should be creatable");
     make_certs(dir.path(), &["--participant-count", "1"]);
     let (mut server, address) = dssgd_tests::start_server(&[], &dir.path().join("server.log"));
-    let path = |name: &str| dir.path().join(name).display().to_string();
-    let started = std::time::Instant::now();
-    let output = Command::new(binary("dssgd-participant"))
-        .args([
-            "collaborate",
-            "--server",
-            &address.replacen("http://", "https://", 1),
-        ])
-        .args(["--tls-ca", &path("ca.pem")])
-        .args(["--tls-cert", &path("p000.pem")])
-        .args(["--tls-key", &path("p000.key")])
-        .args(["--index", "0", "--participants", "1", "--epochs", "1"])
-        .args(["--shard-fraction", "0.01", "--retry-seconds", "120"])
-        .arg("--data-dir")
-        .arg(dssgd_tests::mnist_dir())
-        .output()
-        .expect("the participant should start");
+    let server_address = address.replacen("http://", "https://", 1);
+    let (output, elapsed) = run_tls_participant(&server_address, dir.path(), dir.path());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),
@@ -531,9 +523,8 @@ fn tls_participant_stops_at_plaintext_server() {
         "the error gives no plaintext hint:\n{stderr}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "the participant retried a handshake that cannot succeed for {:?}",
-        started.elapsed()
+        elapsed < Duration::from_secs(60),
+        "the participant retried a handshake that cannot succeed for {elapsed:?}"
     );
     server.kill();
 }

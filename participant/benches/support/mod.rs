@@ -30,9 +30,20 @@ pub(crate) fn python() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(path));
     }
     let script = workspace_root().join("scripts/pytorch-env.sh");
-    let output = Command::new(&script)
-        .output()
-        .map_err(|error| format!("failed to run {}: {error}", script.display()))?;
+    let stdout = script_output(&mut Command::new(&script), &script)?;
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&stdout).trim().to_string(),
+    ))
+}
+
+/// Runs `command`, which runs `script`, and returns its standard output. A
+/// failed start names the program, and a failed exit names the script and
+/// gives its standard error.
+pub(crate) fn script_output(command: &mut Command, script: &Path) -> Result<Vec<u8>, String> {
+    let output = command.output().map_err(|error| {
+        let program = Path::new(command.get_program()).display().to_string();
+        format!("failed to run {program}: {error}")
+    })?;
     if !output.status.success() {
         return Err(format!(
             "{} failed: {}",
@@ -40,9 +51,7 @@ pub(crate) fn python() -> Result<PathBuf, String> {
             String::from_utf8_lossy(&output.stderr).trim()
         ));
     }
-    Ok(PathBuf::from(
-        String::from_utf8_lossy(&output.stdout).trim().to_string(),
-    ))
+    Ok(output.stdout)
 }
 
 /// Reads the environment variable `name` as a `T` that passes `valid`, or
