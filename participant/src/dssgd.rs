@@ -157,7 +157,7 @@ pub enum DssgdError {
     },
     /// The bound gamma is above the largest one the server accepts.
     #[error(
-        "invalid gamma {gamma}: the server accepts at most {max_gamma} (its --max-gamma); pass --gamma {max_gamma} or less"
+        "invalid gamma {gamma}: the server accepts at most {max_gamma} (its --max-gamma or DSSGD_MAX_GAMMA); pass --gamma {max_gamma} or less"
     )]
     GammaTooLarge {
         /// This participant's gamma.

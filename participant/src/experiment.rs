@@ -449,7 +449,7 @@ pub struct PlotSpec {
 }
 
 /// Type a setting takes.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Kind {
     /// A whole number at least 0.
     Count,
@@ -457,27 +457,59 @@ enum Kind {
     Integer,
     /// A finite number.
     Number,
-    /// A name.
-    Text,
+    /// One of the names the function returns, in quotes.
+    Name(fn() -> Vec<String>),
+}
+
+/// Returns the names the command line accepts for `T`, which experiment
+/// files accept too.
+fn value_names<T: clap::ValueEnum>() -> Vec<String> {
+    T::value_variants()
+        .iter()
+        .filter_map(T::to_possible_value)
+        .map(|value| value.get_name().to_string())
+        .collect()
+}
+
+/// Returns the names of the kinds of run.
+fn method_names() -> Vec<String> {
+    [
+        Method::Collaborative,
+        Method::Standalone,
+        Method::Centralized,
+    ]
+    .map(|method| method.name().to_string())
+    .to_vec()
+}
+
+/// Returns the names of the orderings.
+fn ordering_names() -> Vec<String> {
+    [
+        Ordering::Asynchronous,
+        Ordering::RoundRobin,
+        Ordering::RandomOrder,
+    ]
+    .map(|ordering| ordering.name().to_string())
+    .to_vec()
 }
 
 /// The type of every setting, in the order the README lists them.
 const SETTINGS: [(&str, Kind); 24] = [
-    ("dataset", Kind::Text),
-    ("model", Kind::Text),
+    ("dataset", Kind::Name(value_names::<DatasetKind>)),
+    ("model", Kind::Name(value_names::<ModelKind>)),
     ("participants", Kind::Count),
     ("shard_fraction", Kind::Number),
     ("dirichlet_alpha", Kind::Number),
-    ("method", Kind::Text),
-    ("ordering", Kind::Text),
+    ("method", Kind::Name(method_names)),
+    ("ordering", Kind::Name(ordering_names)),
     ("theta_u", Kind::Number),
     ("theta_d", Kind::Number),
     ("gamma", Kind::Number),
     ("tau", Kind::Number),
-    ("selection", Kind::Text),
+    ("selection", Kind::Name(value_names::<Selection>)),
     ("epsilon", Kind::Number),
     ("epsilon_per_parameter", Kind::Number),
-    ("upload_values", Kind::Text),
+    ("upload_values", Kind::Name(value_names::<UploadValues>)),
     ("epochs", Kind::Count),
     ("lr", Kind::Number),
     ("lr_decay", Kind::Number),
@@ -506,16 +538,19 @@ fn check_setting(key: &str, value: &toml::Value) -> anyhow::Result<()> {
         (Kind::Number, toml::Value::Integer(_)) => Ok(()),
         (Kind::Number, toml::Value::Float(x)) if x.is_finite() => Ok(()),
         (Kind::Number, other) => bail!("invalid {key} {other}: expected a finite number"),
-        (Kind::Text, toml::Value::String(name))
-            if key == "upload_values" && !["f32", "f16"].contains(&name.as_str()) =>
-        {
-            bail!("invalid upload_values {name:?}: expected \"f32\" or \"f16\"")
+        (Kind::Name(names), value) => {
+            let names = names();
+            if let toml::Value::String(name) = value
+                && names.contains(name)
+            {
+                return Ok(());
+            }
+            let quoted: Vec<String> = names.iter().map(|name| format!("{name:?}")).collect();
+            bail!(
+                "invalid {key} {value}: expected one of {}, in quotes",
+                quoted.join(", ")
+            )
         }
-        (Kind::Text, toml::Value::String(_)) => Ok(()),
-        (Kind::Text, other) if key == "upload_values" => {
-            bail!("invalid upload_values {other}: expected \"f32\" or \"f16\", in quotes")
-        }
-        (Kind::Text, other) => bail!("invalid {key} {other}: expected a name in quotes"),
     }
 }
 
@@ -1547,7 +1582,35 @@ theta_u = 0.1
             .unwrap_err()
         );
         assert!(error.contains("invalid upload_values 16"), "{error}");
-        assert!(error.contains("\"f32\" or \"f16\""), "{error}");
+        assert!(error.contains("\"f32\", \"f16\", in quotes"), "{error}");
+    }
+
+    #[test]
+    fn name_settings_list_names_that_parse() {
+        for (key, kind) in SETTINGS {
+            let Kind::Name(names) = kind else {
+                continue;
+            };
+            let names = names();
+            assert!(!names.is_empty(), "{key} lists no names");
+            for name in &names {
+                let text = format!("[experiment]\nname = \"t\"\n[base]\n{key} = \"{name}\"\n");
+                // Some names need other settings (svhn-cnn needs svhn), so
+                // only the reading of the name itself is checked.
+                if let Err(error) = parse(&text, "x.toml") {
+                    let error = format!("{error:#}");
+                    assert!(
+                        !error.contains("unknown variant"),
+                        "{key} = {name}: {error}"
+                    );
+                    assert!(!error.contains(&format!("invalid {key}")), "{error}");
+                }
+            }
+            let text = format!("[experiment]\nname = \"t\"\n[base]\n{key} = 3\n");
+            let error = format!("{:#}", parse(&text, "x.toml").unwrap_err());
+            assert!(error.contains(&format!("invalid {key} 3")), "{error}");
+            assert!(error.contains(&format!("{:?}", names[0])), "{error}");
+        }
     }
 
     #[test]

@@ -372,7 +372,11 @@ fn start_server(
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     let Some(address) = line.trim().strip_prefix("listening on ") else {
-        bail!("the server did not start; see {}", server.log.display());
+        bail!(
+            "the server did not start{}; its log is {}",
+            logged_error(&server.log),
+            server.log.display()
+        );
     };
     Ok((server, format!("https://{address}")))
 }
@@ -687,8 +691,9 @@ fn wait_with_progress(
                 Some(status) if status.success() => {}
                 Some(status) => {
                     bail!(
-                        "{} exited with {status}; its log is {}",
+                        "{} exited with {status}{}; its log is {}",
                         child.name,
+                        logged_error(&child.log),
                         child.log.display()
                     );
                 }
@@ -736,6 +741,19 @@ fn last_epoch(path: &Path) -> Option<u64> {
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
+}
+
+/// Returns ": " and the error that ended a child, from the last
+/// "error: " line of its log, or nothing when the log has none.
+fn logged_error(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    text.lines()
+        .rev()
+        .find_map(|line| line.split_once(": error: "))
+        .map(|(_, error)| format!(": {error}"))
+        .unwrap_or_default()
 }
 
 /// Returns the flag that SIGINT and SIGTERM set, installed once per process. A
@@ -931,6 +949,25 @@ mod tests {
         assert_eq!(last_epoch(&log), Some(12));
         std::fs::write(&log, "INFO starting\n").unwrap();
         assert_eq!(last_epoch(&log), None, "no epoch is done yet");
+    }
+
+    #[test]
+    fn logged_error_reads_the_last_error_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("p000-p001.log");
+        assert_eq!(logged_error(&log), "", "a missing log has no error");
+        std::fs::write(&log, "INFO shard loaded participant=p000\n").unwrap();
+        assert_eq!(logged_error(&log), "", "a log without an error line");
+        std::fs::write(
+            &log,
+            "INFO shard loaded participant=p000\n\
+             dssgd-participant: error: invalid gamma 0.002: the server accepts at most 0.001\n",
+        )
+        .unwrap();
+        assert_eq!(
+            logged_error(&log),
+            ": invalid gamma 0.002: the server accepts at most 0.001"
+        );
     }
 
     #[test]

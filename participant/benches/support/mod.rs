@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
-use dssgd_participant::data::{Splits, load_mnist};
+use dssgd_participant::data::{DataError, Splits, load_mnist};
 
 /// Returns the median of `values`, the upper one of an even count.
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
@@ -76,10 +76,11 @@ pub(crate) fn env_setting<T: FromStr>(
 }
 
 /// Returns the MNIST folder that `DSSGD_DATA_DIR` names, or `data/mnist`
-/// when it is unset. A relative path is read from the workspace root,
-/// because cargo runs each benchmark in its package's folder.
+/// when it is unset or empty. A relative path is read from the workspace
+/// root, because cargo runs each benchmark in its package's folder.
 pub(crate) fn data_dir() -> PathBuf {
     let path = std::env::var_os("DSSGD_DATA_DIR")
+        .filter(|path| !path.is_empty())
         .map_or_else(|| PathBuf::from("data/mnist"), PathBuf::from);
     workspace_root().join(path)
 }
@@ -89,8 +90,14 @@ pub(crate) fn data_dir() -> PathBuf {
 pub(crate) fn load_data() -> Splits {
     let dir = data_dir();
     load_mnist(&dir).unwrap_or_else(|error| {
+        // The loader's advice for missing files names options of
+        // dssgd-participant, which a benchmark does not take.
+        let problem = match error {
+            DataError::Missing { .. } => "the MNIST files are missing".to_string(),
+            other => other.to_string(),
+        };
         eprintln!(
-            "failed to load MNIST from {}: {error}\nthe --download and --data-dir options above belong to dssgd-participant; a benchmark reads the folder in DSSGD_DATA_DIR (a relative path is read from the workspace root), so set it to a folder with the MNIST files",
+            "failed to load MNIST from {}: {problem}\nset DSSGD_DATA_DIR to a folder with the MNIST files (a relative path is read from the workspace root)",
             dir.display()
         );
         std::process::exit(2);
